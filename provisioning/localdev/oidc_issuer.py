@@ -269,8 +269,8 @@ class DevOidcIssuer:
         kid: str | None = None,
         sign_with: str | None = None,
         algorithm: str = "RS256",
-        run_id: str | int = "1",
-        run_attempt: str | int = 1,
+        run_id: str | int | None = "1",
+        run_attempt: str | int | None = 1,
         **overrides: Any,
     ) -> str:
         """Sign a token. Keyword overrides replace claims; a ``None`` value removes the claim.
@@ -278,7 +278,9 @@ class DevOidcIssuer:
         ``kid`` is the header's key id (default: the active key); ``sign_with`` the kid of the
         key that actually signs (default: ``kid``) - differing makes a bad signature.
         """
-        claims = self.claims(run_id=run_id, run_attempt=run_attempt)
+        claims = self.claims(run_id=run_id or "", run_attempt=run_attempt or "")
+        overrides.setdefault("run_id", run_id)
+        overrides.setdefault("run_attempt", None if run_attempt is None else str(run_attempt))
         for name, value in overrides.items():
             if value is None:
                 claims.pop(name, None)
@@ -300,7 +302,7 @@ class DevOidcIssuer:
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, name="dev-oidc-issuer", daemon=True
+            target=server.serve_forever, args=(0.05,), name="dev-oidc-issuer", daemon=True
         )
         self._thread.start()
         return self
