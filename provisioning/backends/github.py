@@ -1,0 +1,337 @@
+"""Dispatch workflow runs on GitHub Actions with a GitHub App installation token (plain httpx).
+
+INTEGRATIONS.md "GitHub: dispatching the workflow": ``workflow_dispatch`` with
+``return_run_details: true`` answers 200 with the new run's id; GitHub Enterprise Server up to
+3.20 answers 400 to that flag and 204 without it, so the id then comes from ``find_run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import httpx
+import jwt
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from provisioning.backends.base import (
+    MODES,
+    DispatchError,
+    DispatchResult,
+    RunStatus,
+    run_title,
+)
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "2022-11-28"
+TIMEOUT_SECONDS = 10.0
+TOKEN_REFRESH_MARGIN = timedelta(minutes=5)  # renew an installation token this long before expiry
+APP_JWT_BACKDATE_SECONDS = 60  # GitHub's advice against clock drift
+APP_JWT_LIFETIME_SECONDS = 9 * 60  # GitHub's limit is 10 minutes
+FIND_RUN_LOOKBACK = timedelta(hours=6)
+FIND_RUN_MAX_PAGES = 5
+
+
+def _load_private_key(value: str) -> str:
+    """``GITHUB_APP_PRIVATE_KEY`` is PEM text, or a path to a PEM file."""
+    text = value.strip()
+    if "-----BEGIN" in text:
+        return text.replace("\\n", "\n") + "\n"  # tolerate a PEM flattened into one env line
+    path = Path(text).expanduser()
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ImproperlyConfigured(
+            f"GITHUB_APP_PRIVATE_KEY is neither PEM text nor a readable file ({exc})"
+        ) from exc
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _github_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200].strip()
+    if isinstance(body, dict):
+        message = str(body.get("message", ""))
+        errors = body.get("errors")
+        if errors:
+            message = f"{message} {errors}".strip()
+        return message[:300]
+    return str(body)[:200]
+
+
+class GitHubBackend:
+    """Runs jobs as ``workflow_dispatch`` runs of our workflow in our repository."""
+
+    name = "github"
+
+    def __init__(
+        self,
+        *,
+        repository: str,
+        workflow_file: str,
+        ref: str,
+        app_id: str,
+        installation_id: str,
+        private_key: str,
+        api_url: str = "https://api.github.com",
+        transport: httpx.BaseTransport | None = None,
+        client: httpx.Client | None = None,
+        timeout: float = TIMEOUT_SECONDS,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        owner, _, repo = repository.partition("/")
+        if not owner or not repo:
+            raise ImproperlyConfigured(
+                f"GITHUB_REPOSITORY must be 'owner/repo', not {repository!r}"
+            )
+        self.repository = repository
+        self.repo_name = repo
+        self.workflow_file = workflow_file
+        self.ref = ref.removeprefix("refs/heads/")
+        self.app_id = str(app_id)
+        self.installation_id = str(installation_id)
+        self._private_key = private_key
+        self.api_url = api_url.rstrip("/")
+        self._clock = clock
+        self._client = client or httpx.Client(
+            base_url=self.api_url,
+            transport=transport,
+            timeout=timeout,
+            headers={
+                "Accept": "application/vnd.github+json",
+                "X-GitHub-Api-Version": API_VERSION,
+                "User-Agent": "agent-provisioning",
+            },
+        )
+        self._token_lock = threading.Lock()
+        self._token: str | None = None
+        self._token_expires_at: datetime | None = None
+        # Flips to False once an Enterprise Server refuses ``return_run_details``.
+        self._ask_for_run_details = True
+
+    @classmethod
+    def from_settings(cls, **overrides: Any) -> GitHubBackend:
+        def setting(name: str, default: str = "") -> str:
+            return str(getattr(settings, name, default) or default)
+
+        missing = [
+            name
+            for name in ("GITHUB_APP_ID", "GITHUB_APP_INSTALLATION_ID", "GITHUB_APP_PRIVATE_KEY")
+            if not setting(name)
+        ]
+        if missing and "private_key" not in overrides:
+            raise ImproperlyConfigured(
+                f"PROVISIONING_RUNNER=github needs {', '.join(missing)} (a GitHub App)"
+            )
+        kwargs: dict[str, Any] = {
+            "repository": setting("GITHUB_REPOSITORY"),
+            "workflow_file": setting("GITHUB_WORKFLOW_FILE", "provision.yml"),
+            "ref": setting("GITHUB_REF", "main"),
+            "app_id": setting("GITHUB_APP_ID"),
+            "installation_id": setting("GITHUB_APP_INSTALLATION_ID"),
+            "api_url": setting("GITHUB_API_URL", "https://api.github.com"),
+        }
+        if "private_key" not in overrides:
+            kwargs["private_key"] = _load_private_key(setting("GITHUB_APP_PRIVATE_KEY"))
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # -- authentication ------------------------------------------------------------------------
+
+    def _app_jwt(self) -> str:
+        now = int(time.time())  # GitHub's clock judges this JWT, not the injectable one
+        claims = {
+            "iat": now - APP_JWT_BACKDATE_SECONDS,
+            "exp": now + APP_JWT_LIFETIME_SECONDS,
+            "iss": self.app_id,
+        }
+        return jwt.encode(claims, self._private_key, algorithm="RS256")
+
+    def _installation_token(self) -> str:
+        with self._token_lock:
+            now = self._clock()
+            if (
+                self._token
+                and self._token_expires_at
+                and now < self._token_expires_at - TOKEN_REFRESH_MARGIN
+            ):
+                return self._token
+            response = self._send(
+                "POST",
+                f"/app/installations/{self.installation_id}/access_tokens",
+                "get an installation token",
+                auth=f"Bearer {self._app_jwt()}",
+                json={"repositories": [self.repo_name], "permissions": {"actions": "write"}},
+            )
+            if response.status_code not in (200, 201):
+                raise self._error("get an installation token", response)
+            body = response.json()
+            self._token = str(body["token"])
+            expires_at = body.get("expires_at")
+            self._token_expires_at = (
+                datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+                if expires_at
+                else now + timedelta(hours=1)
+            )
+            return self._token
+
+    def _forget_token(self) -> None:
+        with self._token_lock:
+            self._token = None
+            self._token_expires_at = None
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    def _send(
+        self, method: str, path: str, what: str, *, auth: str, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            return self._client.request(method, path, headers={"Authorization": auth}, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise DispatchError(f"GitHub did not answer in time while trying to {what}") from exc
+        except httpx.HTTPError as exc:
+            raise DispatchError(f"could not reach GitHub to {what}: {exc}") from exc
+
+    def _api(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
+        """An API call with the installation token; one retry with a fresh token on a 401."""
+        response = self._send(
+            method, path, what, auth=f"Bearer {self._installation_token()}", **kwargs
+        )
+        if response.status_code == 401:
+            self._forget_token()
+            response = self._send(
+                method, path, what, auth=f"Bearer {self._installation_token()}", **kwargs
+            )
+        return response
+
+    @staticmethod
+    def _error(what: str, response: httpx.Response) -> DispatchError:
+        retry_after = response.headers.get("retry-after")
+        message = f"GitHub answered {response.status_code} to {what}"
+        detail = _github_message(response)
+        if detail:
+            message = f"{message}: {detail}"
+        if retry_after:
+            message = f"{message} (retry after {retry_after} s)"
+        return DispatchError(message, status=response.status_code, retry_after=retry_after)
+
+    def _repo_path(self, suffix: str) -> str:
+        return f"/repos/{self.repository}/actions/{suffix}"
+
+    # -- RunnerBackend -----------------------------------------------------------------------------
+
+    def dispatch(self, *, job_id: UUID, attempt: int, mode: str) -> DispatchResult:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        what = f"dispatch {self.workflow_file} for job {job_id} attempt {attempt}"
+        body: dict[str, Any] = {
+            "ref": self.ref,
+            "inputs": {"job_id": str(job_id), "attempt": str(attempt), "mode": mode},
+        }
+        path = self._repo_path(f"workflows/{self.workflow_file}/dispatches")
+        if self._ask_for_run_details:
+            response = self._api("POST", path, what, json={**body, "return_run_details": True})
+            if response.status_code == 400:
+                # GitHub Enterprise Server <= 3.20 refuses the flag: dispatch without it and
+                # let the claim find the run by its title.
+                logger.warning(
+                    "GitHub refused return_run_details (%s); dispatching without it",
+                    _github_message(response),
+                )
+                self._ask_for_run_details = False
+                response = self._api("POST", path, what, json=body)
+        else:
+            response = self._api("POST", path, what, json=body)
+
+        if response.status_code == 204:
+            return DispatchResult(run_id=None)
+        if response.status_code == 200:
+            details = response.json()
+            run_id = details.get("workflow_run_id")
+            if run_id is None:
+                return DispatchResult(run_id=None)
+            return DispatchResult(
+                run_id=str(run_id),
+                run_url=details.get("html_url") or self.run_url(run_id=str(run_id)),
+            )
+        raise self._error(what, response)
+
+    def cancel_run(self, *, run_id: str) -> None:
+        what = f"cancel run {run_id}"
+        response = self._api("POST", self._repo_path(f"runs/{run_id}/cancel"), what)
+        if response.status_code in (202, 200, 204):
+            return
+        if response.status_code == 409:  # already finished: nothing to cancel
+            return
+        if response.status_code == 404:
+            logger.warning("GitHub does not know run %s; nothing to cancel", run_id)
+            return
+        raise self._error(what, response)
+
+    def get_run(self, *, run_id: str) -> RunStatus | None:
+        what = f"read run {run_id}"
+        response = self._api("GET", self._repo_path(f"runs/{run_id}"), what)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._error(what, response)
+        return self._run_status(response.json())
+
+    @staticmethod
+    def _run_status(run: dict[str, Any]) -> RunStatus:
+        return RunStatus(
+            run_id=str(run["id"]),
+            status=str(run.get("status") or "unknown"),
+            conclusion=run.get("conclusion"),
+            html_url=run.get("html_url"),
+            display_title=run.get("display_title"),
+        )
+
+    def find_run(self, *, job_id: UUID, attempt: int) -> str | None:
+        title = run_title(job_id=job_id, attempt=attempt)
+        since = (self._clock() - FIND_RUN_LOOKBACK).strftime("%Y-%m-%dT%H:%M:%SZ")
+        what = f"look up the run titled {title!r}"
+        path: str | None = self._repo_path(f"workflows/{self.workflow_file}/runs")
+        params: dict[str, Any] | None = {
+            "event": "workflow_dispatch",
+            "created": f">={since}",
+            "per_page": 100,
+        }
+        for _ in range(FIND_RUN_MAX_PAGES):
+            if path is None:
+                break
+            response = self._api("GET", path, what, params=params)
+            if response.status_code != 200:
+                raise self._error(what, response)
+            # Newest first: the latest run with this title wins.
+            for run in response.json().get("workflow_runs", []):
+                if run.get("display_title") == title:
+                    return str(run["id"])
+            next_link = response.links.get("next", {}).get("url")
+            path, params = (next_link, None) if next_link else (None, None)
+        return None
+
+    def run_url(self, *, run_id: str) -> str | None:
+        parts = urlsplit(self.api_url)
+        if parts.netloc == "api.github.com":
+            web = "https://github.com"
+        else:  # GitHub Enterprise Server: https://host/api/v3 -> https://host
+            web = f"{parts.scheme}://{parts.netloc}"
+        return f"{web}/{self.repository}/actions/runs/{run_id}"
+
+    def close(self) -> None:
+        self._client.close()
