@@ -1,0 +1,51 @@
+# The README's two commands: `make run` and `make test`. Both install into .venv first if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Throwaway values for local work only; production reads real ones from the environment.
+LOCAL_ENV := DJANGO_DEBUG=1 DJANGO_SECRET_KEY=local-dev-only-not-secret-$(USER)
+TEST_ENV := DJANGO_SECRET_KEY=test-only-not-secret-0123456789abcdefghijklmnopqrstuvwxyz
+
+.PHONY: install run test lint fmt migrate bench reliability clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: install
+	$(LOCAL_ENV) $(PY) manage.py migrate --no-input
+
+## make run: migrate, create the demo logins, start the whole local pipeline on http://127.0.0.1:8000
+run: install
+	@mkdir -p var
+	$(LOCAL_ENV) $(PY) manage.py migrate --no-input
+	$(LOCAL_ENV) $(PY) manage.py seed_demo
+	$(LOCAL_ENV) $(PY) manage.py run_local_stack
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+fmt: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+## make test: lint, check that models and migrations agree, run the suite
+test: install lint
+	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run.py
+
+reliability: install
+	$(TEST_ENV) $(PY) -m pytest -p no:randomly bench/reliability $(PYTEST_ARGS)
+
+clean:
+	rm -rf var/db.sqlite3* var/runner-logs

@@ -1,0 +1,254 @@
+"""The one settings module. Everything that differs between machines comes from the environment.
+
+`.env` (copied from `.env.example`) is read if present; real environment variables win. A missing
+variable never turns on debug or a guessable secret key: outside DEBUG, DJANGO_SECRET_KEY must be set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+# Set by the test runner (pyproject's pytest env): fast hashing, no dj-stripe migrations.
+TESTING = env.bool("DJANGO_TESTING", default=False)
+
+if DEBUG:
+    SECRET_KEY = env.str(
+        "DJANGO_SECRET_KEY", default="dev-only-insecure-key-never-use-in-production"
+    )
+else:
+    try:
+        SECRET_KEY = env.str("DJANGO_SECRET_KEY")
+    except ImproperlyConfigured as exc:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set. Production needs a real secret; "
+            "for local work use `make run`, which sets DJANGO_DEBUG=1 and a throwaway key."
+        ) from exc
+
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
+PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="http://127.0.0.1:8000").rstrip("/")
+CSRF_TRUSTED_ORIGINS = env.list(
+    "DJANGO_CSRF_TRUSTED_ORIGINS",
+    default=[PUBLIC_BASE_URL] if PUBLIC_BASE_URL.startswith("https://") else [],
+)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "django_htmx",
+    "djstripe",
+    "provisioning",
+    "billing",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+# Unset DATABASE_URL: an SQLite file, the embedded default that lets `make run` work with no setup.
+# The web server and the worker write at the same time, so SQLite runs in WAL mode, takes its
+# write lock at BEGIN (IMMEDIATE: no "database is locked" upgrade deadlocks) and waits for it.
+DATABASE_URL = env.str("DATABASE_URL", default="")
+if DATABASE_URL:
+    DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env.str("SQLITE_PATH", default=str(BASE_DIR / "var" / "db.sqlite3")),
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": (
+                    "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=20000;"
+                ),
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+if TESTING:
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/agents/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "django.contrib.staticfiles.storage.StaticFilesStorage"
+            if DEBUG or TESTING
+            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        )
+    },
+}
+
+# --- Security (manage.py check --deploy is clean with DEBUG off) -----------------------------
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG and not TESTING)
+# Health checks and metrics are scraped over plain HTTP inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=not DEBUG)
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=0 if DEBUG else 31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+SILENCED_SYSTEM_CHECKS = env.list("DJANGO_SILENCED_SYSTEM_CHECKS", default=[])
+if not SECURE_HSTS_PRELOAD:
+    # Preloading is a one-way door a deploy must choose deliberately.
+    SILENCED_SYSTEM_CHECKS.append("security.W021")
+
+# --- REST framework / OpenAPI -----------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "provisioning.apis_errors.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Agent provisioning API",
+    "DESCRIPTION": "Workflow-run callbacks (OIDC) and the customer's read API (session).",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- The provisioning queue (the seed's three constants and what dispatch needs) -------------
+HEARTBEAT_INTERVAL_SECONDS = env.int("HEARTBEAT_INTERVAL_SECONDS", default=60)
+JOB_TIMEOUT_SECONDS = env.int("JOB_TIMEOUT_SECONDS", default=900)
+MAX_RETRIES = env.int("MAX_RETRIES", default=3)
+RETRY_BACKOFF_SECONDS = env.int("RETRY_BACKOFF_SECONDS", default=30)
+RETRY_BACKOFF_MAX_SECONDS = env.int("RETRY_BACKOFF_MAX_SECONDS", default=1800)
+DISPATCH_CLAIM_TIMEOUT_SECONDS = env.int("DISPATCH_CLAIM_TIMEOUT_SECONDS", default=600)
+WORKER_INTERVAL_SECONDS = env.float("WORKER_INTERVAL_SECONDS", default=5.0)
+# An attempt's absolute limit, heartbeats or not (a heartbeat thread can hide a hung Ansible run).
+JOB_DEADLINE_SECONDS = env.int("JOB_DEADLINE_SECONDS", default=3600)
+
+PROVISIONING_RUNNER = env.str("PROVISIONING_RUNNER", default="local")
+
+# --- GitHub (dispatch with a GitHub App; callbacks with Actions OIDC tokens) ------------------
+GITHUB_API_URL = env.str("GITHUB_API_URL", default="https://api.github.com").rstrip("/")
+GITHUB_REPOSITORY = env.str("GITHUB_REPOSITORY", default="example/agent-provisioning")
+GITHUB_REPOSITORY_ID = env.str("GITHUB_REPOSITORY_ID", default="100000001")
+GITHUB_WORKFLOW_FILE = env.str("GITHUB_WORKFLOW_FILE", default="provision.yml")
+GITHUB_REF = env.str("GITHUB_REF", default="main")
+GITHUB_APP_ID = env.str("GITHUB_APP_ID", default="")
+GITHUB_APP_INSTALLATION_ID = env.str("GITHUB_APP_INSTALLATION_ID", default="")
+GITHUB_APP_PRIVATE_KEY = env.str("GITHUB_APP_PRIVATE_KEY", default="", multiline=True)
+
+LOCAL_OIDC_ISSUER_URL = env.str("LOCAL_OIDC_ISSUER_URL", default="http://127.0.0.1:8702").rstrip(
+    "/"
+)
+LOCAL_OIDC_REQUEST_TOKEN = env.str("LOCAL_OIDC_REQUEST_TOKEN", default="local-request-token")
+PROVISIONING_OIDC_ISSUER = env.str(
+    "PROVISIONING_OIDC_ISSUER",
+    default=LOCAL_OIDC_ISSUER_URL
+    if PROVISIONING_RUNNER == "local"
+    else "https://token.actions.githubusercontent.com",
+)
+PROVISIONING_OIDC_JWKS_URL = env.str(
+    "PROVISIONING_OIDC_JWKS_URL", default=f"{PROVISIONING_OIDC_ISSUER}/.well-known/jwks"
+)
+PROVISIONING_OIDC_AUDIENCE = env.str("PROVISIONING_OIDC_AUDIENCE", default="agent-provisioning")
+PROVISIONING_OIDC_RUNNER_ENVIRONMENTS = env.list(
+    "PROVISIONING_OIDC_RUNNER_ENVIRONMENTS", default=["github-hosted"]
+)
+
+# --- The local pipeline (make run): fakes on loopback ----------------------------------------
+LOCAL_HETZNER_URL = env.str("LOCAL_HETZNER_URL", default="http://127.0.0.1:8701/v1")
+LOCAL_RUNNER_HEARTBEAT_SECONDS = env.float("LOCAL_RUNNER_HEARTBEAT_SECONDS", default=2.0)
+LOCAL_RUNNER_STEP_SECONDS = env.float("LOCAL_RUNNER_STEP_SECONDS", default=2.0)
+LOCAL_RUNNER_FAIL_STEP = env.str("LOCAL_RUNNER_FAIL_STEP", default="")
+LOCAL_RUNNER_KILL_AT_STEP = env.str("LOCAL_RUNNER_KILL_AT_STEP", default="")
+LOCAL_RUNNER_LOG_DIR = env.path("LOCAL_RUNNER_LOG_DIR", default=BASE_DIR / "var" / "runner-logs")
+
+# --- Monitoring ----------------------------------------------------------------------------------
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
+# --- Stripe / dj-stripe -------------------------------------------------------------------------
+STRIPE_LIVE_MODE = env.bool("STRIPE_LIVE_MODE", default=False)
+STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default="")
+STRIPE_TEST_SECRET_KEY = "" if STRIPE_LIVE_MODE else STRIPE_SECRET_KEY
+STRIPE_LIVE_SECRET_KEY = STRIPE_SECRET_KEY if STRIPE_LIVE_MODE else ""
+STRIPE_API_VERSION = env.str("STRIPE_API_VERSION", default="2025-09-30.clover")
+STRIPE_PRICE_ID = env.str("STRIPE_PRICE_ID", default="")
+STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
+STRIPE_WEBHOOK_UUID = env.str("STRIPE_WEBHOOK_UUID", default="")
+STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
+if STRIPE_API_BASE:
+    STRIPE_API_HOST = STRIPE_API_BASE
+DJSTRIPE_FOREIGN_KEY_TO_FIELD = "id"
+DJSTRIPE_USE_NATIVE_JSONFIELD = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

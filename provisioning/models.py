@@ -1,0 +1,354 @@
+"""Agents, their provisioning jobs, and the jobs' audit trail.
+
+The state machine is written once, in TRANSITIONS below; services.py performs the moves.
+The invariants that must survive concurrent callers are database constraints, not Python checks.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"  # waiting for a runner (first try or a retry)
+    PROVISIONING = "provisioning", "Provisioning"  # claimed by one workflow run; heartbeats flow
+    RUNNING = "running", "Running"  # done: the agent's VM is up (or, for a deprovision, gone)
+    FAILED = "failed", "Failed"  # out of retries or cancelled: an operator's turn
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROVISIONING)
+FINAL_STATUSES = (JobStatus.RUNNING, JobStatus.FAILED)
+
+TRANSITIONS: dict[str, frozenset[str]] = {  # the only place the state machine is written
+    JobStatus.QUEUED: frozenset({JobStatus.PROVISIONING, JobStatus.FAILED}),  # claim; cancel
+    JobStatus.PROVISIONING: frozenset(
+        {JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.FAILED}  # complete; requeue; fail/cancel
+    ),
+    JobStatus.RUNNING: frozenset(),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),  # operator retry only
+}
+
+
+def can_transition(current: str, new: str) -> bool:
+    return new in TRANSITIONS.get(current, frozenset())
+
+
+class JobKind(models.TextChoices):
+    PROVISION = "provision", "Provision"  # build the agent's VM
+    DEPROVISION = "deprovision", "Deprovision"  # delete it (subscription ended, refund, operator)
+
+
+class Step(models.TextChoices):
+    """The only values of `step` and `failed_step`; CUSTOMER_MESSAGES says each in plain words."""
+
+    CLAIM = "claim", "Claim"
+    CREATE_SERVER = "create-server", "Create server"
+    WAIT_SSH = "wait-ssh", "Wait for SSH"
+    CONFIGURE = "configure", "Configure"
+    HEALTH_CHECK = "health-check", "Health check"
+    COMPLETE = "complete", "Complete"
+    TIMEOUT = "timeout", "Timeout"  # set by the server
+    DISPATCH = "dispatch", "Dispatch"  # set by the server
+    CANCELLED = "cancelled", "Cancelled"  # set by the server
+
+
+RUNNER_STEPS = (
+    Step.CLAIM,
+    Step.CREATE_SERVER,
+    Step.WAIT_SSH,
+    Step.CONFIGURE,
+    Step.HEALTH_CHECK,
+    Step.COMPLETE,
+)
+
+# What a customer reads for each step: while it is happening, and when it failed.
+CUSTOMER_MESSAGES: dict[str, tuple[str, str]] = {
+    Step.CLAIM: ("A build machine picked up your order.", "The build machine could not start."),
+    Step.CREATE_SERVER: (
+        "Creating your agent's server.",
+        "Our cloud provider could not create your server.",
+    ),
+    Step.WAIT_SSH: (
+        "Waiting for your server to boot.",
+        "Your new server did not finish booting in time.",
+    ),
+    Step.CONFIGURE: (
+        "Installing and configuring your agent.",
+        "Installing the agent software on your server failed.",
+    ),
+    Step.HEALTH_CHECK: (
+        "Checking that your agent answers.",
+        "Your agent was installed but did not pass its health check.",
+    ),
+    Step.COMPLETE: ("Finishing up.", "We could not confirm that your agent is ready."),
+    Step.TIMEOUT: ("", "The build stopped reporting progress and was stopped."),
+    Step.DISPATCH: ("Waiting for a build machine.", "We could not start a build machine."),
+    Step.CANCELLED: ("", "The build was cancelled by our team."),
+}
+
+
+def step_message(step: str | None, *, failed: bool) -> str:
+    during, after = CUSTOMER_MESSAGES.get(step or "", ("Getting ready.", "Something went wrong."))
+    return after if failed else during
+
+
+class Region(models.TextChoices):
+    US_EAST = "us-east", "US East (Ashburn)"
+    US_WEST = "us-west", "US West (Hillsboro)"
+    EU_CENTRAL = "eu-central", "EU Central (Germany/Finland)"
+    AP_SOUTHEAST = "ap-southeast", "Asia Pacific (Singapore)"
+
+
+def default_max_retries() -> int:
+    return int(getattr(settings, "MAX_RETRIES", 3))
+
+
+class Agent(models.Model):
+    """What a customer bought: one per Stripe Checkout session (the unique key makes it so)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="agents"
+    )
+    name = models.CharField(max_length=64)
+    region = models.CharField(max_length=32, choices=Region, default=Region.US_EAST)
+    # Several Stripe events describe one purchase; this key makes them all land on one agent.
+    stripe_checkout_session_id = models.CharField(
+        max_length=255, unique=True, null=True, blank=True
+    )
+    stripe_customer_id = models.CharField(max_length=255, blank=True, default="")
+    stripe_subscription_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    # Filled by the successful provision.
+    server_id = models.CharField(max_length=64, blank=True, default="")
+    server_name = models.CharField(max_length=128, blank=True, default="")
+    ipv4 = models.GenericIPAddressField(protocol="IPv4", null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    # Set when the customer's entitlement ends (subscription deleted, refund, dispute, operator).
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # Serves the dashboard's "my agents, newest first".
+            models.Index(fields=["owner", "-created_at"], name="agent_owner_newest"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({str(self.pk)[:8]})"
+
+    @property
+    def is_ended(self) -> bool:
+        return self.ended_at is not None
+
+
+class ProvisioningJob(models.Model):
+    # --- the seed's 16 columns ---
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="jobs")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="provisioning_jobs"
+    )
+    # One job per Stripe event; null for jobs an operator or the customer asked for.
+    stripe_event_id = models.CharField(max_length=255, unique=True, null=True, blank=True)
+    status = models.CharField(max_length=16, choices=JobStatus, default=JobStatus.QUEUED)
+    region = models.CharField(max_length=32, choices=Region, default=Region.US_EAST)
+    # Text: GitHub run ids exceed 32 bits. Reset at every dispatch (the new run's id).
+    workflow_run_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 (null: no run yet)
+    retry_count = models.PositiveSmallIntegerField(default=0)
+    max_retries = models.PositiveSmallIntegerField(default=default_max_retries)
+    error = models.TextField(blank=True, default="")
+    failed_step = models.CharField(max_length=32, choices=Step, blank=True, default="")
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    # --- what fencing, progress, retries and the job kinds need ---
+    kind = models.CharField(max_length=16, choices=JobKind, default=JobKind.PROVISION)
+    # Fencing token: +1 on every requeue (automatic or operator). Every run call names it.
+    attempt = models.PositiveIntegerField(default=1)
+    # GitHub's run_attempt of the run that claimed; later calls must match it.
+    run_attempt = models.PositiveIntegerField(null=True, blank=True)
+    step = models.CharField(max_length=32, choices=Step, blank=True, default="")
+    progress = models.PositiveSmallIntegerField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)  # backoff after a failure
+    dispatched_at = models.DateTimeField(null=True, blank=True)  # last dispatch of this attempt
+    # When the `mode: cleanup` run for a failed provision was sent (once).
+    cleanup_dispatched_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            # choices= is only checked by full_clean(); .update() would write anything.
+            models.CheckConstraint(
+                condition=Q(status__in=JobStatus.values), name="job_status_valid"
+            ),
+            models.CheckConstraint(condition=Q(kind__in=JobKind.values), name="job_kind_valid"),
+            models.CheckConstraint(
+                condition=Q(progress__isnull=True) | Q(progress__lte=100), name="job_progress_0_100"
+            ),
+            models.CheckConstraint(
+                condition=Q(retry_count__lte=models.F("max_retries")),
+                name="job_retries_within_max",
+            ),
+            # One VM build per customer at a time; a race loses here, not in Python.
+            models.UniqueConstraint(
+                fields=["user"],
+                condition=Q(status=JobStatus.PROVISIONING),
+                name="one_provisioning_job_per_user",
+            ),
+            # An agent is never built twice at once (double-clicked re-provision, operator + customer).
+            models.UniqueConstraint(
+                fields=["agent"],
+                condition=Q(status__in=[JobStatus.QUEUED, JobStatus.PROVISIONING]),
+                name="one_active_job_per_agent",
+            ),
+        ]
+        indexes = [
+            # The stale sweep (selectors.job_list_stale): in-flight rows only. Indexes id, not
+            # last_heartbeat_at, so heartbeat updates stay HOT (no index column changes).
+            models.Index(
+                fields=["id"], condition=Q(status=JobStatus.PROVISIONING), name="job_in_flight"
+            ),
+            # Dispatch (selectors.job_list_due): queued rows in FIFO order.
+            models.Index(
+                fields=["created_at"], condition=Q(status=JobStatus.QUEUED), name="job_queued_fifo"
+            ),
+            # "Is there an older queued job of this user?" inside the due query.
+            models.Index(
+                fields=["user", "created_at"],
+                condition=Q(status=JobStatus.QUEUED),
+                name="job_queued_by_user",
+            ),
+            # Latest job of an agent (dashboard, status API).
+            models.Index(fields=["agent", "-created_at"], name="job_agent_latest"),
+            # Admin: newest first, filtered by status.
+            models.Index(fields=["status", "-created_at"], name="job_status_newest"),
+            models.Index(fields=["-created_at"], name="job_newest"),
+            # Failed provisions still owing their cleanup run.
+            models.Index(
+                fields=["completed_at"],
+                condition=Q(status=JobStatus.FAILED, cleanup_dispatched_at__isnull=True),
+                name="job_failed_cleanup_due",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {str(self.pk)[:8]} ({self.status}, attempt {self.attempt})"
+
+    def can_become(self, new: str) -> bool:
+        return can_transition(self.status, new)
+
+    @property
+    def short_id(self) -> str:
+        return str(self.pk)[:8]
+
+    def silent_since(self) -> datetime:
+        """The seed's timeout clock: last heartbeat, else claim, else last update."""
+        return self.last_heartbeat_at or self.claimed_at or self.updated_at
+
+    def is_stale(self, *, now: datetime, timeout_seconds: int) -> bool:
+        if self.status != JobStatus.PROVISIONING:
+            return False
+        return now - self.silent_since() > timedelta(seconds=timeout_seconds)
+
+    def is_past_deadline(self, *, now: datetime, deadline_seconds: int) -> bool:
+        if self.status != JobStatus.PROVISIONING or self.claimed_at is None:
+            return False
+        return now - self.claimed_at > timedelta(seconds=deadline_seconds)
+
+
+class Actor:
+    """Who did something, as JobEvent.actor spells it."""
+
+    STRIPE = "stripe"
+    SYSTEM = "system"
+    CUSTOMER = "customer"
+
+    @staticmethod
+    def workflow(run_id: str | None) -> str:
+        return f"workflow:{run_id or '?'}"
+
+    @staticmethod
+    def operator(username: str) -> str:
+        return f"operator:{username}"
+
+
+class JobEvent(models.Model):
+    """Append-only history: one row per transition, dispatch and operator action. Kept forever."""
+
+    class Action(models.TextChoices):
+        ENQUEUE = "enqueue", "Enqueued"
+        DISPATCH = "dispatch", "Dispatched"
+        DISPATCH_FAILED = "dispatch_failed", "Dispatch failed"
+        CLAIM = "claim", "Claimed"
+        STEP = "step", "Step started"
+        COMPLETE = "complete", "Completed"
+        FAIL = "fail", "Failed"
+        REQUEUE = "requeue", "Requeued for retry"
+        TIMEOUT = "timeout", "Timed out"
+        CANCEL = "cancel", "Cancelled"
+        RETRY = "retry", "Retried by operator"
+        REDISPATCH = "redispatch", "Re-dispatch requested"
+        CLEANUP = "cleanup", "Cleanup run sent"
+        NOTE = "note", "Note"
+
+    id = models.BigAutoField(primary_key=True)
+    job = models.ForeignKey(ProvisioningJob, on_delete=models.CASCADE, related_name="events")
+    created_at = models.DateTimeField(auto_now_add=True)
+    actor = models.CharField(max_length=150)
+    action = models.CharField(max_length=24, choices=Action)
+    from_status = models.CharField(max_length=16, choices=JobStatus, blank=True, default="")
+    to_status = models.CharField(max_length=16, choices=JobStatus, blank=True, default="")
+    attempt = models.PositiveIntegerField()
+    # The run this event concerns (dispatch, claim, callbacks): tells "an earlier run of this job"
+    # (409, fenced out) from "a run never dispatched for this job" (403).
+    workflow_run_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 (null: no run)
+    step = models.CharField(max_length=32, choices=Step, blank=True, default="")
+    reason = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [
+            models.Index(fields=["job", "created_at"], name="jobevent_job_time"),
+            # Serves the claim check "was this run ever dispatched for this job?".
+            models.Index(
+                fields=["job", "workflow_run_id"],
+                condition=Q(workflow_run_id__isnull=False),
+                name="jobevent_job_run",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor} ({self.from_status}→{self.to_status})"
+
+
+class UsedTokenId(models.Model):
+    """A workflow token's `jti`, spent by claim/complete/fail. Pruned once the token has expired."""
+
+    jti = models.CharField(max_length=255, primary_key=True)
+    job = models.ForeignKey(ProvisioningJob, on_delete=models.CASCADE, related_name="+")
+    used_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.jti
+
+
+class WorkerBeat(models.Model):
+    """Each worker's last tick, so /healthz and /metrics can tell when no worker is alive."""
+
+    name = models.CharField(max_length=200, primary_key=True)
+    last_tick_at = models.DateTimeField()
+    started_at = models.DateTimeField()
+    ticks = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return self.name

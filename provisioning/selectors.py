@@ -1,0 +1,128 @@
+"""Named reads. Each returns a QuerySet or an object and never writes."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
+from django.db.models.functions import Coalesce
+
+from provisioning.models import Agent, JobEvent, JobKind, JobStatus, ProvisioningJob
+
+
+def job_get(*, job_id: UUID | str) -> ProvisioningJob | None:
+    return ProvisioningJob.objects.filter(pk=job_id).first()
+
+
+def job_get_by_stripe_event_id(*, stripe_event_id: str) -> ProvisioningJob | None:
+    """The seed's getJobByStripeEventId."""
+    return ProvisioningJob.objects.filter(stripe_event_id=stripe_event_id).first()
+
+
+def job_get_latest_for_agent(*, agent_id: UUID | str) -> ProvisioningJob | None:
+    """The seed's getJobByAgentId: the agent's most recent job (index job_agent_latest)."""
+    return ProvisioningJob.objects.filter(agent_id=agent_id).order_by("-created_at").first()
+
+
+def job_list_stale(
+    *,
+    now: datetime,
+    timeout_seconds: int | None = None,
+    deadline_seconds: int | None = None,
+) -> QuerySet[ProvisioningJob]:
+    """Provisioning jobs silent for longer than the timeout, or past their attempt's deadline.
+
+    Silence is the seed's clock: last heartbeat, else claim, else last update. Served by the
+    partial index job_in_flight (only provisioning rows are scanned, however big the table).
+    """
+    timeout = timeout_seconds if timeout_seconds is not None else settings.JOB_TIMEOUT_SECONDS
+    deadline = deadline_seconds if deadline_seconds is not None else settings.JOB_DEADLINE_SECONDS
+    silent_since = Coalesce("last_heartbeat_at", "claimed_at", "updated_at")
+    return (
+        ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING)
+        .alias(silent_since=silent_since)
+        .filter(
+            Q(silent_since__lt=now - timedelta(seconds=timeout))
+            | Q(claimed_at__lt=now - timedelta(seconds=deadline))
+        )
+    )
+
+
+def job_list_due(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Queued jobs a dispatcher may hand to a runner now, oldest first (DESIGN.md, "Due").
+
+    Due: queued; out of backoff; not dispatched within DISPATCH_CLAIM_TIMEOUT_SECONDS (a dispatch
+    nobody claimed in that window is re-sent); the oldest queued job of its user; and that user has
+    no provisioning job. Per-user FIFO keeps a customer's orders in the order they paid.
+    """
+    claim_window = now - timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
+    in_flight = ProvisioningJob.objects.filter(
+        user_id=OuterRef("user_id"), status=JobStatus.PROVISIONING
+    )
+    older_queued = ProvisioningJob.objects.filter(
+        user_id=OuterRef("user_id"),
+        status=JobStatus.QUEUED,
+        created_at__lt=OuterRef("created_at"),
+    )
+    return (
+        ProvisioningJob.objects.filter(status=JobStatus.QUEUED)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lte=claim_window))
+        .filter(~Exists(in_flight), ~Exists(older_queued))
+        .order_by("created_at")
+    )
+
+
+def job_list_cleanup_due() -> QuerySet[ProvisioningJob]:
+    """Failed provisions that were claimed at least once and still owe their cleanup run."""
+    return ProvisioningJob.objects.filter(
+        status=JobStatus.FAILED,
+        kind=JobKind.PROVISION,
+        cleanup_dispatched_at__isnull=True,
+        claimed_at__isnull=False,
+    ).order_by("completed_at")
+
+
+def job_queue_position(*, job: ProvisioningJob) -> int | None:
+    """1 for the next job to go; None unless queued. Counts older queued jobs."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    return (
+        ProvisioningJob.objects.filter(
+            status=JobStatus.QUEUED, created_at__lt=job.created_at
+        ).count()
+        + 1
+    )
+
+
+def job_was_dispatched_to_run(*, job_id: UUID | str, run_id: str) -> bool:
+    """Did this job ever dispatch (or hear from) this run? Tells 409 fenced-out from 403."""
+    return JobEvent.objects.filter(job_id=job_id, workflow_run_id=run_id).exists()
+
+
+def agent_list_for_user(*, user: Any) -> QuerySet[Agent]:
+    """The customer's agents, newest first, each with `jobs` prefetched newest first."""
+    return (
+        Agent.objects.filter(owner=user)
+        .order_by("-created_at")
+        .prefetch_related(
+            Prefetch("jobs", queryset=ProvisioningJob.objects.order_by("-created_at"))
+        )
+    )
+
+
+def agent_get_for_user(*, user: Any, agent_id: UUID | str) -> Agent | None:
+    """One of the customer's own agents; None for anyone else's (callers answer 404)."""
+    return agent_list_for_user(user=user).filter(pk=agent_id).first()
+
+
+def job_counts_by_status() -> dict[str, int]:
+    return dict(
+        ProvisioningJob.objects.order_by()
+        .values_list("status")
+        .annotate(n=Count("pk"))
+        .values_list("status", "n")
+    )
