@@ -26,10 +26,11 @@ import hmac
 import json
 import os
 import secrets
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -317,12 +318,14 @@ class DevOidcIssuer:
         self._server = None
         self._thread = None
 
-    def serve_forever(self) -> None:
-        """Run in the foreground (the CLI)."""
+    def serve_forever(self, *, on_ready: Callable[[DevOidcIssuer], None] | None = None) -> None:
+        """Run in the foreground (the CLI) until interrupted or sent SIGTERM."""
         server = ThreadingHTTPServer((self.host, self.port), _make_handler(self))
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
+        if on_ready is not None:
+            on_ready(self)
         try:
             server.serve_forever()
         finally:
@@ -448,13 +451,20 @@ def main(argv: list[str] | None = None) -> None:
         audience=args.audience,
         key_path=args.key_path,
     )
-    print(
-        f"dev OIDC issuer on http://{args.host}:{args.port} "
-        f"(iss={args.issuer or f'http://{args.host}:{args.port}'}, repository={args.repository})",
-        flush=True,
-    )
+
+    def announce(ready: DevOidcIssuer) -> None:
+        print(
+            f"dev OIDC issuer on {ready.base_url} (iss={ready.issuer}, "
+            f"repository={ready.repository} id {ready.repository_id}, ref {ready.ref})",
+            flush=True,
+        )
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     with contextlib.suppress(KeyboardInterrupt):
-        issuer.serve_forever()
+        issuer.serve_forever(on_ready=announce)
 
 
 if __name__ == "__main__":
