@@ -1,0 +1,198 @@
+"""Hetzner Cloud: find, create, adopt and delete one job's VMs with `hcloud`.
+
+Every VM the runner makes is named `agent-<job id>` and labelled `managed-by`, `job-id` and
+`attempt`, so a later attempt (or the cleanup run) finds it by label, and a second create of the
+same name fails with `uniqueness_error` instead of making a twin.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hcloud import APIException, Client
+from hcloud.images import Image
+from hcloud.locations import Location
+from hcloud.server_types import ServerType
+from hcloud.servers import BoundServer
+from hcloud.ssh_keys import SSHKey
+
+from .config import MANAGED_BY, REGION_LOCATIONS, ConfigError, Settings
+
+# Codes Hetzner uses when a location cannot take this server type right now.
+_TRY_NEXT_LOCATION = {"resource_unavailable", "placement_error", "server_type_unavailable"}
+
+
+class CloudError(Exception):
+    """Hetzner refused or failed in a way the runner cannot work around."""
+
+
+@dataclass(frozen=True)
+class Vm:
+    id: str
+    name: str
+    ipv4: str
+    location: str
+    labels: dict[str, str]
+    status: str
+
+    @classmethod
+    def from_bound(cls, server: BoundServer) -> Vm:
+        ipv4 = ""
+        if server.public_net is not None and server.public_net.ipv4 is not None:
+            ipv4 = server.public_net.ipv4.ip
+        return cls(
+            id=str(server.id),
+            name=server.name or "",
+            ipv4=ipv4,
+            location=server.location.name if server.location is not None else "",
+            labels=dict(server.labels or {}),
+            status=server.status or "",
+        )
+
+
+def server_name(job_id: str) -> str:
+    return f"agent-{job_id}"
+
+
+def job_selector(job_id: str) -> str:
+    return f"managed-by={MANAGED_BY},job-id={job_id}"
+
+
+class Cloud:
+    def __init__(self, settings: Settings) -> None:
+        settings.require("hcloud_token")
+        kwargs = {"api_endpoint": settings.hcloud_endpoint} if settings.hcloud_endpoint else {}
+        self._client = Client(
+            token=settings.hcloud_token,
+            application_name="agent-provisioning-runner",
+            poll_interval=settings.hcloud_poll_seconds or 0.05,
+            timeout=settings.http_timeout_seconds,
+            **kwargs,
+        )
+        self._settings = settings
+
+    # -- reads ----------------------------------------------------------------------------
+    def find_job_servers(self, job_id: str) -> list[Vm]:
+        return [
+            Vm.from_bound(s)
+            for s in self._client.servers.get_all(label_selector=job_selector(job_id))
+        ]
+
+    def get(self, server_id: str) -> Vm | None:
+        try:
+            return Vm.from_bound(self._client.servers.get_by_id(int(server_id)))
+        except APIException as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+
+    # -- create or adopt ------------------------------------------------------------------
+    def find_or_create(
+        self, *, job_id: str, attempt: int, region: str, on_created: Callable[[Vm], None]
+    ) -> tuple[Vm, bool]:
+        """The job's VM and whether this attempt created it.
+
+        A VM labelled with this job counts as ours only if its `attempt` label is this attempt
+        (a create whose answer we lost); one from an earlier attempt is adopted, never owned.
+        `on_created` runs as soon as a create is accepted, before waiting on its actions, so the
+        caller can record the VM before anything else can go wrong.
+        """
+        existing = self._adoptable(job_id)
+        if existing is not None:
+            return existing, existing.labels.get("attempt") == str(attempt)
+
+        locations = REGION_LOCATIONS.get(region)
+        if not locations:
+            raise ConfigError(f"no Hetzner location for region {region!r}")
+        key_name = self._settings.ssh_key_name
+        if not key_name:
+            if not self._settings.simulate:
+                raise ConfigError("missing required environment: RUNNER_SSH_KEY_NAME")
+            key_name = "agent-provisioning-local"
+
+        labels = {"managed-by": MANAGED_BY, "job-id": job_id, "attempt": str(attempt)}
+        refusals: list[str] = []
+        for location in locations:
+            try:
+                response = self._client.servers.create(
+                    name=server_name(job_id),
+                    server_type=ServerType(name=self._settings.server_type),
+                    image=Image(name=self._settings.image),
+                    location=Location(name=location),
+                    ssh_keys=[SSHKey(name=key_name)],
+                    labels=labels,
+                )
+            except APIException as exc:
+                if exc.code == "uniqueness_error":
+                    adopted = self._adoptable(job_id) or self._by_name(job_id)
+                    if adopted is None:
+                        raise CloudError(
+                            f"server name {server_name(job_id)} is taken but no server has it"
+                        ) from exc
+                    return adopted, adopted.labels.get("attempt") == str(attempt)
+                if exc.code in _TRY_NEXT_LOCATION:
+                    refusals.append(f"{location}: {exc.code}: {exc.message}")
+                    continue
+                raise CloudError(f"create server in {location}: {exc.code}: {exc.message}") from exc
+            vm = Vm.from_bound(response.server)
+            on_created(vm)
+            response.action.wait_until_finished()
+            for action in response.next_actions:
+                action.wait_until_finished()
+            return vm, True
+        raise CloudError(
+            f"no location in region {region} can take a {self._settings.server_type}: "
+            + "; ".join(refusals)
+        )
+
+    def _adoptable(self, job_id: str) -> Vm | None:
+        servers = self.find_job_servers(job_id)
+        for vm in servers:
+            if vm.name == server_name(job_id):
+                return vm
+        return servers[0] if servers else None
+
+    def _by_name(self, job_id: str) -> Vm | None:
+        server = self._client.servers.get_by_name(server_name(job_id))
+        if server is None:
+            return None
+        vm = Vm.from_bound(server)
+        if vm.labels.get("job-id") != job_id:
+            raise CloudError(f"server {vm.name} exists but is not labelled for job {job_id}")
+        return vm
+
+    def wait_running(self, server_id: str, *, timeout: float, checkpoint: Callable[[], None]) -> Vm:
+        deadline = time.monotonic() + timeout
+        while True:
+            checkpoint()
+            vm = self.get(server_id)
+            if vm is None:
+                raise CloudError(f"server {server_id} disappeared while starting")
+            if vm.status == "running" and vm.ipv4:
+                return vm
+            if time.monotonic() > deadline:
+                raise CloudError(f"server {server_id} still {vm.status!r} after {timeout:.0f}s")
+            time.sleep(max(self._settings.hcloud_poll_seconds, 0.05))
+
+    # -- delete ---------------------------------------------------------------------------
+    def delete(self, server_id: str) -> bool:
+        """Delete one server and wait; False if it was already gone."""
+        try:
+            server = self._client.servers.get_by_id(int(server_id))
+            action = self._client.servers.delete(server)
+        except APIException as exc:
+            if exc.code == "not_found":
+                return False
+            raise
+        action.wait_until_finished()
+        return True
+
+    def delete_job_servers(self, job_id: str) -> list[Vm]:
+        """Delete every VM labelled with this job; returns what was deleted."""
+        deleted = []
+        for vm in self.find_job_servers(job_id):
+            if self.delete(vm.id):
+                deleted.append(vm)
+        return deleted

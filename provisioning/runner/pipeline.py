@@ -1,0 +1,526 @@
+"""The provisioning steps and the rules for failing safely.
+
+`Runner` holds one attempt's state and runs its steps. `run_provision`, `run_deprovision` and
+`run_cleanup` chain them in one process (what the local backend starts); the CLI's per-step
+commands call the same methods one at a time (what the workflow's steps run).
+
+Safety rules, in one place:
+- claim refused (403/404/409 other than `dispatch_pending`): stop; nothing created or deleted;
+- fenced out later (heartbeat 404/409): stop; delete only a VM this attempt created; no complete;
+- any other failure: report `fail` with the step and the log's tail, then delete only a VM this
+  attempt created;
+- once `complete` has been sent, never delete the VM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from . import remote
+from .api import ApiError, ApiUnavailable, CallbackApi
+from .config import ConfigError, Settings, private_temp_dir
+from .hetzner import Cloud, Vm
+from .state import RunState
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_REFUSED = 3
+EXIT_FENCED = 4
+EXIT_KILLED = 137
+
+TAIL_CHARS = 3000
+
+PROGRESS = {
+    "claim": 5,
+    "create-server": 20,
+    "wait-ssh": 50,
+    "configure": 60,
+    "health-check": 90,
+    "complete": 100,
+}
+
+
+class StepFailed(Exception):
+    """A step could not do its work (the message is what operators read)."""
+
+
+class Fenced(Exception):
+    """The service says this run no longer owns the job."""
+
+
+class ClaimRefused(Exception):
+    """The service refused the claim: another run owns the job, or this one was never sent."""
+
+
+class Cancelled(Exception):
+    """The process was asked to stop (workflow cancelled, step timeout, local cancel)."""
+
+
+class Runner:
+    def __init__(self, settings: Settings, state: RunState) -> None:
+        self.settings = settings
+        self.state = state
+        self._step_lines: deque[str] = deque(maxlen=400)
+        self._fenced = threading.Event()
+        self._fence_reason = ""
+        self._api: CallbackApi | None = None
+        self._cloud: Cloud | None = None
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._workdir: Path | None = None
+
+    # -- plumbing -------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {self.state.step}: {message}"
+        self._step_lines.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    @property
+    def api(self) -> CallbackApi:
+        if self._api is None:
+            self._api = CallbackApi(self.settings, self.state.job_id, log=self.log)
+        return self._api
+
+    @property
+    def cloud(self) -> Cloud:
+        if self._cloud is None:
+            self._cloud = Cloud(self.settings)
+        return self._cloud
+
+    @property
+    def workdir(self) -> Path:
+        if self._workdir is None:
+            self._workdir = private_temp_dir()
+        return self._workdir
+
+    def close(self) -> None:
+        self.stop_heartbeat()
+        if self._api is not None:
+            self._api.close()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def checkpoint(self) -> None:
+        """Raise Fenced if the heartbeat (thread or separate process) was refused."""
+        reason = self._fence_reason if self._fenced.is_set() else self.state.fenced_reason()
+        if reason:
+            raise Fenced(reason)
+
+    def sleep(self, seconds: float) -> None:
+        self._fenced.wait(seconds)
+        self.checkpoint()
+
+    def enter_step(self, step: str, progress: int | None = None) -> None:
+        if self.settings.kill_at_step == step:
+            print(f"RUNNER_KILL_AT_STEP={step}: exiting abruptly", file=sys.stderr, flush=True)
+            os._exit(EXIT_KILLED)
+        self._step_lines.clear()
+        self.state.set_step(step, PROGRESS[step] if progress is None else progress)
+        self.log(f"starting (progress {self.state.progress})")
+        if step not in ("claim", "complete"):
+            self.checkpoint()
+            self._beat_now()
+
+    def _beat_now(self) -> None:
+        """One synchronous heartbeat, so the service sees each step as it starts."""
+        step, progress = self.state.snapshot()
+        try:
+            self.api.heartbeat(step, progress)
+        except ApiError as exc:
+            if exc.is_fenced:
+                self._set_fenced(str(exc))
+                self.checkpoint()
+            self.log(f"heartbeat refused: {exc}")
+        except ApiUnavailable as exc:
+            self.log(f"heartbeat got no answer: {exc}")
+
+    def _set_fenced(self, reason: str) -> None:
+        self._fence_reason = reason
+        self._fenced.set()
+        self.state.mark_fenced(reason)
+
+    def _fail_knob(self, step: str, message: str) -> None:
+        if self.settings.fail_step == step:
+            raise StepFailed(message)
+
+    def failure_tail(self, exc: BaseException) -> str:
+        text = "\n".join(self._step_lines)
+        if isinstance(exc, StepFailed | Fenced | Cancelled | ConfigError | ApiError):
+            detail = str(exc)
+        else:
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        return f"{text}\n{detail}".strip()[-TAIL_CHARS:]
+
+    # -- heartbeat loop -------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        self._heartbeat_stop.clear()
+        self._heartbeat_thread = threading.Thread(
+            target=heartbeat_loop,
+            kwargs={
+                "settings": self.settings,
+                "job_id": self.state.job_id,
+                "read": lambda: (*self.state.snapshot(), self.state.complete_sent),
+                "on_fenced": self._set_fenced,
+                "stop": self._heartbeat_stop,
+                "log": self.log,
+            },
+            name="heartbeat",
+            daemon=True,
+        )
+        self._heartbeat_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._heartbeat_stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=self.settings.http_timeout_seconds + 5)
+            self._heartbeat_thread = None
+
+    # -- steps ----------------------------------------------------------------------------
+    def claim(self) -> None:
+        self.enter_step("claim")
+        self._fail_knob("claim", "claim: OIDC token request answered HTTP 500")
+        try:
+            job = self.api.claim(self.state.attempt)
+        except ApiError as exc:
+            raise ClaimRefused(str(exc)) from exc
+        if int(job.get("attempt", self.state.attempt)) != self.state.attempt:
+            raise ClaimRefused(f"claim answered for attempt {job.get('attempt')}")
+        self.state.claimed = True
+        self.state.region = job.get("region") or "us-east"
+        agent = job.get("agent") or {}
+        self.state.agent = {"id": str(agent.get("id", "")), "name": str(agent.get("name", ""))}
+        self.state.save()
+        self.log(f"claimed attempt {self.state.attempt} (region {self.state.region})")
+
+    def create_server(self) -> Vm:
+        self.enter_step("create-server")
+
+        def record(vm: Vm) -> None:
+            self.state.server_id, self.state.server_name = vm.id, vm.name
+            self.state.created_by_this_attempt = True
+            self.state.location = vm.location
+            self.state.set_progress(30)
+            self.log(f"created server {vm.name} ({vm.id}) in {vm.location}")
+
+        vm, ours = self.cloud.find_or_create(
+            job_id=self.state.job_id,
+            attempt=self.state.attempt,
+            region=self.state.region or "us-east",
+            on_created=record,
+        )
+        if not ours:
+            self.log(
+                f"adopted server {vm.name} ({vm.id}) made by attempt {vm.labels.get('attempt')}"
+            )
+        self.state.server_id, self.state.server_name = vm.id, vm.name
+        self.state.created_by_this_attempt = ours
+        self.state.location = vm.location
+        self.state.save()
+        self._fail_knob(
+            "create-server",
+            f"Action create_server for server {vm.id} failed: action_failed: "
+            f"server could not be started (host maintenance in {vm.location})",
+        )
+        vm = self.cloud.wait_running(vm.id, timeout=300, checkpoint=self.checkpoint)
+        self.state.ipv4 = vm.ipv4
+        self.state.set_progress(40)
+        self.log(f"server {vm.name} is running at {vm.ipv4}")
+        return vm
+
+    def wait_ssh(self) -> None:
+        self.enter_step("wait-ssh")
+        ip = self._ip()
+        if self.settings.simulate:
+            self._simulate(
+                "wait-ssh",
+                50,
+                55,
+                [f"connecting to {ip}:22", "connection refused; retrying", "ssh login works"],
+                f"ssh: connect to host {ip} port 22: Connection timed out "
+                f"(gave up after {self.settings.ssh_timeout_seconds:.0f}s)",
+            )
+            return
+        self._fail_knob("wait-ssh", f"ssh: connect to host {ip} port 22: Connection timed out")
+        remote.wait_ssh(
+            self.settings, ip, self.workdir / "known_hosts", sleep=self.sleep, log=self.log
+        )
+
+    def configure(self) -> None:
+        self.enter_step("configure")
+        ip = self._ip()
+        if self.settings.simulate:
+            self._simulate(
+                "configure",
+                60,
+                85,
+                [
+                    "TASK [Create the agent user] changed",
+                    "TASK [Install the Python runtime] changed",
+                    "TASK [Install the agent service unit] changed",
+                    "TASK [Start the agent service] changed",
+                ],
+                f"TASK [Install the Python runtime] ***\n"
+                f'fatal: [{ip}]: FAILED! => {{"changed": false, "msg": "Failed to update apt '
+                f"cache: E:Failed to fetch http://mirror.hetzner.com/ubuntu/packages/dists/noble/"
+                f'InRelease  503  Service Unavailable"}}\n'
+                f"PLAY RECAP ***\n{ip} : ok=3 changed=2 unreachable=0 failed=1 skipped=0",
+            )
+            return
+        self._fail_knob("configure", f"fatal: [{ip}]: FAILED! => ansible run refused")
+        agent = self.state.agent or {}
+        remote.configure(
+            self.settings,
+            ip,
+            self.workdir / "known_hosts",
+            {
+                "agent_name": agent.get("name") or "agent",
+                "agent_id": agent.get("id") or "",
+                "job_id": self.state.job_id,
+                "agent_health_port": str(self.settings.health_port),
+            },
+            self.workdir,
+            on_task=lambda n: self.state.set_progress(min(85, 60 + 2 * n)),
+            log=self.log,
+            checkpoint=self.checkpoint,
+        )
+
+    def health_check(self) -> None:
+        self.enter_step("health-check")
+        ip = self._ip()
+        url = f"http://{ip}:{self.settings.health_port}/healthz"
+        if self.settings.simulate:
+            self._simulate(
+                "health-check",
+                90,
+                95,
+                [f"GET {url}: connection refused", f"GET {url}: 200 ok"],
+                f'GET {url}: HTTP 503 {{"status": "starting"}} after 60 tries',
+            )
+            return
+        self._fail_knob("health-check", f"GET {url}: HTTP 503 after 60 tries")
+        remote.health_check(self.settings, ip, sleep=self.sleep, log=self.log)
+
+    def complete(self) -> None:
+        self.enter_step("complete")
+        self.checkpoint()
+        self._fail_knob("complete", "could not report completion: connection reset by peer")
+        deprovision = self.state.mode == "deprovision"
+        server_id = "" if deprovision else (self.state.server_id or "")
+        ipv4 = "" if deprovision else (self.state.ipv4 or "")
+        # From here on the service may consider the VM delivered: never delete it.
+        self.state.complete_sent = True
+        self.state.save()
+        self.stop_heartbeat()
+        try:
+            self.api.complete(
+                server_id=server_id,
+                ipv4=ipv4,
+                server_name=None if deprovision else self.state.server_name,
+            )
+        except ApiError as exc:
+            if exc.is_fenced:
+                raise Fenced(str(exc)) from exc
+            raise
+        self.state.completed = True
+        self.state.save()
+        self.log("reported complete")
+
+    def delete_job_servers(self) -> list[Vm]:
+        """Deprovision/cleanup: remove every VM labelled with this job id."""
+        self.checkpoint()
+        deleted = self.cloud.delete_job_servers(self.state.job_id)
+        for vm in deleted:
+            self.log(f"deleted server {vm.name} ({vm.id}) in {vm.location}")
+        if not deleted:
+            self.log("no servers labelled with this job")
+        self.state.set_progress(50)
+        return deleted
+
+    # -- failure --------------------------------------------------------------------------
+    def finish_failure(self, error: str | None) -> None:
+        """Report the failure (unless fenced or never claimed) and delete this attempt's VM."""
+        fenced = self._fence_reason or self.state.fenced_reason()
+        if self.state.claimed and not fenced and not self.state.failure_reported:
+            message = (
+                error
+                or self.state.last_error
+                or (f"the workflow stopped during step {self.state.step} (cancelled or timed out)")
+            )
+            try:
+                self.api.fail(error=message, failed_step=self.state.step)
+                self.state.failure_reported = True
+                self.state.save()
+                self.log(f"reported failure at {self.state.step}")
+            except (ApiError, ApiUnavailable, ConfigError) as exc:
+                self.log(f"could not report the failure: {exc}")
+        self.delete_own_server()
+
+    def delete_own_server(self) -> None:
+        state = self.state
+        if not state.server_id:
+            return
+        if state.complete_sent:
+            self.log(f"keeping server {state.server_id}: complete was already sent")
+            return
+        if not state.created_by_this_attempt:
+            self.log(f"keeping server {state.server_id}: an earlier attempt created it")
+            return
+        try:
+            gone = self.cloud.delete(state.server_id)
+        except Exception as exc:
+            self.log(f"could not delete server {state.server_id}: {exc!r}")
+            raise
+        self.log(f"deleted server {state.server_id}" if gone else "server was already gone")
+        state.server_id = None
+        state.created_by_this_attempt = False
+        state.save()
+
+    # -- helpers --------------------------------------------------------------------------
+    def _ip(self) -> str:
+        if not self.state.ipv4:
+            raise StepFailed("no server address recorded: did create-server run?")
+        return self.state.ipv4
+
+    def _simulate(self, step: str, start: int, end: int, lines: list[str], failure: str) -> None:
+        ticks = max(len(lines), 1)
+        for index, line in enumerate(lines, start=1):
+            self.sleep(self.settings.step_seconds / ticks)
+            self.log(f"(simulated) {line}")
+            if self.settings.fail_step == step and index >= (ticks + 1) // 2:
+                raise StepFailed(failure)
+            self.state.set_progress(start + (end - start) * index // ticks)
+
+
+def heartbeat_loop(
+    *,
+    settings: Settings,
+    job_id: str,
+    read: Callable[[], tuple[str, int, bool]],
+    on_fenced: Callable[[str], None],
+    stop: threading.Event,
+    log: Callable[[str], None],
+) -> None:
+    """Every `RUNNER_HEARTBEAT_SECONDS`: send the current step; stop when fenced or done."""
+    api = CallbackApi(settings, job_id, log=log)
+    try:
+        while not stop.wait(settings.heartbeat_seconds):
+            step, progress, done = read()
+            if done:
+                return
+            try:
+                api.heartbeat(step, progress)
+            except ApiError as exc:
+                if exc.is_fenced:
+                    log(f"heartbeat refused, stopping: {exc}")
+                    on_fenced(str(exc))
+                    return
+                log(f"heartbeat refused: {exc}")
+            except (ApiUnavailable, ConfigError) as exc:
+                log(f"heartbeat got no answer: {exc}")
+    finally:
+        api.close()
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM/SIGINT into Cancelled in the main thread, so the failure path runs."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops us the hard way
+        raise Cancelled(f"runner received {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def preflight(settings: Settings, mode: str) -> None:
+    """Refuse to start (before claiming anything) when a needed setting is missing."""
+    if mode != "cleanup":
+        settings.require("api_url", "oidc_audience", "token_request_url", "token_request_token")
+    settings.require("hcloud_token")
+    if mode == "provision" and not settings.simulate:
+        settings.require("ssh_key_name", "ssh_private_key_file")
+
+
+# -- whole pipelines (one process) ----------------------------------------------------------
+def run_provision(settings: Settings, state: RunState) -> int:
+    runner = Runner(settings, state)
+    try:
+        try:
+            runner.claim()
+        except ClaimRefused as exc:
+            runner.log(f"claim refused, stopping without touching any server: {exc}")
+            return EXIT_REFUSED
+        except (ApiUnavailable, StepFailed, ConfigError) as exc:
+            runner.log(f"claim failed: {exc}")
+            return EXIT_FAILED
+        runner.start_heartbeat()
+        try:
+            runner.create_server()
+            runner.wait_ssh()
+            runner.configure()
+            runner.health_check()
+            runner.complete()
+        except Fenced as exc:
+            runner.stop_heartbeat()
+            runner.log(f"fenced out, stopping: {exc}")
+            runner.delete_own_server()
+            return EXIT_FENCED
+        except Exception as exc:
+            runner.stop_heartbeat()
+            tail = runner.failure_tail(exc)
+            runner.log(f"failed: {exc}")
+            runner.finish_failure(tail)
+            return EXIT_FAILED
+        return EXIT_OK
+    finally:
+        runner.close()
+
+
+def run_deprovision(settings: Settings, state: RunState) -> int:
+    runner = Runner(settings, state)
+    try:
+        try:
+            runner.claim()
+        except ClaimRefused as exc:
+            runner.log(f"claim refused, stopping without touching any server: {exc}")
+            return EXIT_REFUSED
+        except (ApiUnavailable, StepFailed, ConfigError) as exc:
+            runner.log(f"claim failed: {exc}")
+            return EXIT_FAILED
+        runner.start_heartbeat()
+        try:
+            runner.delete_job_servers()
+            runner.complete()
+        except Fenced as exc:
+            runner.log(f"fenced out, stopping: {exc}")
+            return EXIT_FENCED
+        except Exception as exc:
+            runner.stop_heartbeat()
+            runner.finish_failure(runner.failure_tail(exc))
+            return EXIT_FAILED
+        return EXIT_OK
+    finally:
+        runner.close()
+
+
+def run_cleanup(settings: Settings, state: RunState) -> int:
+    runner = Runner(settings, state)
+    try:
+        runner.delete_job_servers()
+    except Exception as exc:
+        runner.log(f"cleanup failed: {runner.failure_tail(exc)}")
+        return EXIT_FAILED
+    finally:
+        runner.close()
+    return EXIT_OK

@@ -1,0 +1,306 @@
+"""The runner end to end: the real CLI against loopback fakes of our API, GitHub OIDC and Hetzner."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from tests.runner.conftest import AUDIENCE, REPO_ROOT, REQUEST_TOKEN, run_runner
+
+
+def provision(env, job_id, attempt=1, **extra_env):
+    return run_runner(
+        {**env, **extra_env},
+        "run",
+        "--mode",
+        "provision",
+        "--job-id",
+        job_id,
+        "--attempt",
+        str(attempt),
+    )
+
+
+def job_labels(job_id, attempt):
+    return {"managed-by": "agent-provisioning", "job-id": job_id, "attempt": str(attempt)}
+
+
+def test_happy_path_claims_beats_creates_in_ash_and_completes(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    verbs = callback_api.verbs()
+    assert verbs[0] == "claim"
+    assert verbs[-1] == "complete"
+    assert "fail" not in verbs
+    assert callback_api.of("claim")[0].body == {"attempt": 1}
+    steps = [c.body.get("step") for c in callback_api.of("heartbeat")]
+    assert {"create-server", "wait-ssh", "configure", "health-check"} <= set(steps)
+    assert len(steps) > 4, "the background loop beats between step changes too"
+    assert all(0 <= c.body["progress"] <= 100 for c in callback_api.of("heartbeat"))
+    [server] = fake_hetzner.servers
+    assert server["name"] == f"agent-{job_id}"
+    assert server["labels"] == job_labels(job_id, 1)
+    assert server["location"]["name"] == "ash"
+    assert server["server_type"]["name"] == "cpx11"
+    assert server["image"]["name"] == "ubuntu-24.04"
+    assert server["x_fake_ssh_keys"] == ["provisioning-test"]
+    assert callback_api.of("complete")[0].body == {
+        "server_id": str(server["id"]),
+        "ipv4": server["public_net"]["ipv4"]["ip"],
+        "server_name": f"agent-{job_id}",
+    }
+    assert result.summary["completed"] is True
+
+
+def test_every_request_carries_a_fresh_token_for_our_audience(runner_env, callback_api, job_id):
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    tokens = [c.token for c in callback_api.calls]
+    assert len(tokens) == len(set(tokens))
+    assert callback_api.reused_tokens == []
+    for request in callback_api.token_requests:
+        assert request["authorization"] == f"bearer {REQUEST_TOKEN}"
+        assert request["query"] == {"api-version": ["2.0"], "audience": [AUDIENCE]}
+
+
+def test_region_comes_from_the_claim_and_an_unavailable_location_falls_through(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    callback_api.region = "eu-central"
+    fake_hetzner.make_unavailable("fsn1")
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    assert [s["location"]["name"] for s in fake_hetzner.servers] == ["nbg1"]
+
+
+def test_a_retried_attempt_adopts_the_vm_an_earlier_attempt_made(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    earlier = fake_hetzner.add_server(name=f"agent-{job_id}", labels=job_labels(job_id, 1))
+
+    result = provision(runner_env, job_id, attempt=2)
+
+    assert result.returncode == 0, result.stderr
+    assert [s["id"] for s in fake_hetzner.servers] == [earlier["id"]]
+    assert callback_api.of("complete")[0].body["server_id"] == str(earlier["id"])
+    assert not [r for r in fake_hetzner.requests if r["method"] == "POST"]
+
+
+def test_a_name_taken_without_our_labels_found_is_adopted_on_uniqueness_error(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    # Hetzner's label index can lag a fresh create: the list is empty, the name is taken.
+    earlier = fake_hetzner.add_server(name=f"agent-{job_id}", labels=job_labels(job_id, 1))
+    original = fake_hetzner._list_servers
+    calls = {"n": 0}
+
+    def lagging(query):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return fake_hetzner._page("servers", [], query)
+        return original(query)
+
+    fake_hetzner._list_servers = lagging
+
+    result = provision(runner_env, job_id, attempt=2)
+
+    assert result.returncode == 0, result.stderr
+    assert [s["id"] for s in fake_hetzner.servers] == [earlier["id"]]
+    assert callback_api.of("complete")[0].body["server_id"] == str(earlier["id"])
+
+
+def test_failure_at_configure_reports_the_step_and_tail_and_deletes_its_own_vm(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    result = provision(runner_env, job_id, RUNNER_FAIL_STEP="configure")
+
+    assert result.returncode == 1
+    [fail] = callback_api.of("fail")
+    assert fail.body["failed_step"] == "configure"
+    assert "FAILED!" in fail.body["error"]
+    assert "TASK [Create the agent user]" in fail.body["error"]
+    assert len(fail.body["error"]) <= 3000
+    assert "complete" not in callback_api.verbs()
+    assert fake_hetzner.servers == []
+    assert [s["name"] for s in fake_hetzner.deleted_servers] == [f"agent-{job_id}"]
+
+
+def test_failure_after_adopting_keeps_the_adopted_vm(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    earlier = fake_hetzner.add_server(name=f"agent-{job_id}", labels=job_labels(job_id, 1))
+
+    result = provision(runner_env, job_id, attempt=2, RUNNER_FAIL_STEP="health-check")
+
+    assert result.returncode == 1
+    assert callback_api.of("fail")[0].body["failed_step"] == "health-check"
+    assert [s["id"] for s in fake_hetzner.servers] == [earlier["id"]]
+    assert fake_hetzner.deleted_servers == []
+
+
+def test_a_refused_claim_stops_without_creating_or_deleting_anything(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    fake_hetzner.add_server(name=f"agent-{job_id}", labels=job_labels(job_id, 1))
+    callback_api.script["claim"] = [(409, {"detail": "job is not queued", "code": "not_queued"})]
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 3
+    assert callback_api.verbs() == ["claim"]
+    assert fake_hetzner.requests == []
+    assert len(fake_hetzner.servers) == 1
+
+
+def test_a_pending_dispatch_is_waited_out_at_claim(runner_env, callback_api, fake_hetzner, job_id):
+    pending = (409, {"detail": "run not recorded yet", "code": "dispatch_pending"})
+    callback_api.script["claim"] = [pending, pending]
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    assert callback_api.verbs()[:3] == ["claim", "claim", "claim"]
+    assert len(fake_hetzner.servers) == 1
+
+
+def test_a_refused_heartbeat_stops_the_run_and_deletes_only_its_own_vm(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    callback_api.refuse_heartbeats_after = 1  # create-server's beat passes, later ones do not
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 4
+    verbs = callback_api.verbs()
+    assert "complete" not in verbs
+    assert "fail" not in verbs
+    assert fake_hetzner.servers == []
+    assert len(fake_hetzner.deleted_servers) == 1
+
+
+def test_a_lost_complete_answer_is_retried_with_a_fresh_token_and_the_vm_kept(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    callback_api.script["complete"] = [(502, {"detail": "bad gateway", "code": "bad_gateway"})]
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    first, second = callback_api.of("complete")
+    assert first.token != second.token
+    assert first.body == second.body
+    assert len(fake_hetzner.servers) == 1
+    assert fake_hetzner.deleted_servers == []
+
+
+def test_a_refused_complete_never_deletes_the_vm(runner_env, callback_api, fake_hetzner, job_id):
+    callback_api.script["complete"] = [(409, {"detail": "fenced out", "code": "fenced_out"})]
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 4
+    assert len(fake_hetzner.servers) == 1
+
+
+def test_cleanup_deletes_every_vm_of_the_job_and_nothing_else(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    fake_hetzner.add_server(name=f"agent-{job_id}", labels=job_labels(job_id, 1))
+    fake_hetzner.add_server(name="stray-twin", labels=job_labels(job_id, 2))
+    other = fake_hetzner.add_server(
+        name="agent-other", labels=job_labels("11111111-2222-3333-4444-555555555555", 1)
+    )
+    unmanaged = fake_hetzner.add_server(name="database", labels={"job-id": job_id})
+
+    result = run_runner(
+        runner_env, "run", "--mode", "cleanup", "--job-id", job_id, "--attempt", "1"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(s["id"] for s in fake_hetzner.servers) == sorted([other["id"], unmanaged["id"]])
+    assert len(fake_hetzner.deleted_servers) == 2
+    assert callback_api.calls == []
+
+
+def test_deprovision_claims_deletes_and_completes_with_empty_ids(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    fake_hetzner.add_server(name=f"agent-{job_id}", labels=job_labels(job_id, 1))
+
+    result = run_runner(
+        runner_env, "run", "--mode", "deprovision", "--job-id", job_id, "--attempt", "3"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert callback_api.verbs()[0] == "claim"
+    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": ""}
+    assert fake_hetzner.servers == []
+
+
+def test_the_kill_knob_exits_137_leaving_the_vm_and_saying_nothing(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    result = provision(runner_env, job_id, RUNNER_KILL_AT_STEP="configure")
+
+    assert result.returncode == 137
+    assert len(fake_hetzner.servers) == 1
+    assert "fail" not in callback_api.verbs()
+    assert "complete" not in callback_api.verbs()
+
+
+def test_sigterm_reports_the_step_and_deletes_its_own_vm(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    env = {**runner_env, "RUNNER_STEP_SECONDS": "30"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "provisioning.runner", "run", "--job-id", job_id, "--attempt", "1"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while "wait-ssh" not in [c.body.get("step") for c in callback_api.of("heartbeat")]:
+        assert time.monotonic() < deadline, "runner never reached wait-ssh"
+        time.sleep(0.05)
+
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=20)
+
+    assert process.returncode == 1
+    [fail] = callback_api.of("fail")
+    assert fail.body["failed_step"] == "wait-ssh"
+    assert "SIGTERM" in fail.body["error"]
+    assert fake_hetzner.servers == []
+
+
+def test_missing_configuration_is_a_clear_error(runner_env, job_id):
+    env = {k: v for k, v in runner_env.items() if k != "PROVISIONING_API_URL"}
+
+    result = run_runner(env, "run", "--job-id", job_id, "--attempt", "1")
+
+    assert result.returncode == 2
+    assert "PROVISIONING_API_URL" in result.stderr
+
+
+def test_a_job_id_must_be_a_uuid(runner_env):
+    result = run_runner(runner_env, "run", "--job-id", "job-1,managed-by", "--attempt", "1")
+
+    assert result.returncode == 2
+    assert "not a UUID" in result.stderr
+
+
+def test_state_file_is_private_to_a_run_by_default(runner_env, job_id, tmp_path):
+    assert "RUNNER_STATE_FILE" not in runner_env
+    provision(runner_env, job_id)
+
+    assert not (tmp_path / "provision-state.json").exists()
