@@ -252,8 +252,9 @@ class GitHubBackend:
                     "GitHub refused return_run_details (%s); dispatching without it",
                     _github_message(response),
                 )
-                self._ask_for_run_details = False
                 response = self._api("POST", path, what, json=body)
+                if response.status_code == 204:  # it was the flag: stop asking for run details
+                    self._ask_for_run_details = False
         else:
             response = self._api("POST", path, what, json=body)
 

@@ -15,6 +15,7 @@ Knobs: ``fail_next(n, status=502)``, ``timeout_next(n)``, ``legacy_ghes = True``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -35,6 +36,16 @@ from provisioning.backends.github import GitHubBackend
 
 APP_ID = "123456"
 INSTALLATION_ID = "7654321"
+
+
+@functools.cache
+def shared_app_key() -> rsa.RSAPrivateKey:
+    """One App key for the whole test session: RSA key generation is slow."""
+    return new_rsa_key()
+
+
+def new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def _json(status: int, body: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -60,9 +71,7 @@ class FakeGitHub:
     installation_id: str = INSTALLATION_ID
     token_ttl: timedelta = timedelta(hours=1)
     legacy_ghes: bool = False
-    private_key: rsa.RSAPrivateKey = field(
-        default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    )
+    private_key: rsa.RSAPrivateKey = field(default_factory=lambda: shared_app_key())
 
     def __post_init__(self) -> None:
         self.dispatches: list[Dispatch] = []

@@ -10,15 +10,23 @@ Register in a conftest with ``pytest_plugins = ["tests.fakes.oidc"]``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from provisioning import oidc
 from provisioning.localdev.oidc_issuer import DevOidcIssuer
 
 TEST_REQUEST_TOKEN = "test-request-token"
+
+
+@functools.cache
+def _shared_issuer_key() -> rsa.RSAPrivateKey:
+    """The issuer's first key, shared by every test: RSA key generation is slow."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -46,6 +54,7 @@ def running_issuer(settings: Any) -> Iterator[DevOidcIssuer]:
         ref=settings.GITHUB_REF,
         audience=getattr(settings, "PROVISIONING_OIDC_AUDIENCE", "") or "agent-provisioning",
         request_token=TEST_REQUEST_TOKEN,
+        private_key=_shared_issuer_key(),
     )
     oidc.reset_key_cache()
     with issuer:

@@ -6,7 +6,7 @@ import pytest
 from provisioning import backends
 from provisioning.backends import DispatchError, DispatchResult, RunStatus
 from provisioning.backends.github import GitHubBackend
-from tests.fakes.github import FakeGitHub, installed_fake_github
+from tests.fakes.github import FakeGitHub, installed_fake_github, new_rsa_key
 
 
 class Clock:
@@ -95,7 +95,7 @@ def test_a_revoked_installation_token_is_replaced_once(github, fake):
 
 
 def test_an_app_jwt_signed_by_another_key_cannot_get_a_token(fake):
-    other = FakeGitHub(repository="acme/agents")
+    other = FakeGitHub(repository="acme/agents", private_key=new_rsa_key())
     github = fake.backend(private_key=other.private_key_pem)
 
     with pytest.raises(DispatchError) as excinfo:
@@ -273,3 +273,24 @@ def test_get_backend_builds_the_configured_backend_once(settings):
         assert backends.get_backend() is first
     finally:
         backends.reset_backend()
+
+
+def test_after_one_refusal_of_run_details_the_flag_is_no_longer_sent(github, fake):
+    fake.legacy_ghes = True
+    github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+
+    github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+
+    dispatch_posts = [r for r in fake.requests if r.url.path.endswith("/dispatches")]
+    assert len(dispatch_posts) == 3  # refused, resent without the flag, then straight without
+
+
+def test_a_422_is_a_permanent_dispatch_error_with_githubs_message(github, fake):
+    github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")  # token cached
+    fake.fail_next(status=422)
+
+    with pytest.raises(DispatchError) as excinfo:
+        github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+
+    assert excinfo.value.status == 422
+    assert not excinfo.value.is_transient
