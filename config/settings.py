@@ -189,6 +189,9 @@ WORKER_INTERVAL_SECONDS = env.float("WORKER_INTERVAL_SECONDS", default=5.0)
 JOB_DEADLINE_SECONDS = env.int("JOB_DEADLINE_SECONDS", default=3600)
 
 PROVISIONING_RUNNER = env.str("PROVISIONING_RUNNER", default="local")
+# Hand new work to a runner right after an enqueue commits (else the worker's next tick does).
+# Off under tests, which start runs explicitly.
+DISPATCH_ON_COMMIT = env.bool("DISPATCH_ON_COMMIT", default=not TESTING)
 
 # --- GitHub (dispatch with a GitHub App; callbacks with Actions OIDC tokens) ------------------
 GITHUB_API_URL = env.str("GITHUB_API_URL", default="https://api.github.com").rstrip("/")
@@ -231,13 +234,29 @@ METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
 # --- Stripe / dj-stripe -------------------------------------------------------------------------
 STRIPE_LIVE_MODE = env.bool("STRIPE_LIVE_MODE", default=False)
-STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default="")
+# Local development (DEBUG only) gets fake-format values so `make run` works with no Stripe account;
+# production has no defaults: an unset value leaves the integration off.
+LOCAL_STRIPE_SECRET_KEY = "sk_test_localDevelopmentOnlyNotAStripeKey0000"
+STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default=LOCAL_STRIPE_SECRET_KEY if DEBUG else "")
 STRIPE_TEST_SECRET_KEY = "" if STRIPE_LIVE_MODE else STRIPE_SECRET_KEY
 STRIPE_LIVE_SECRET_KEY = STRIPE_SECRET_KEY if STRIPE_LIVE_MODE else ""
 STRIPE_API_VERSION = env.str("STRIPE_API_VERSION", default="2025-09-30.clover")
 STRIPE_PRICE_ID = env.str("STRIPE_PRICE_ID", default="")
-STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
-STRIPE_WEBHOOK_UUID = env.str("STRIPE_WEBHOOK_UUID", default="")
+# Our price as the session reports it (amount_total in the smallest unit, lower-case currency).
+# Unset: the check is skipped.
+STRIPE_PRICE_AMOUNT = env.int("STRIPE_PRICE_AMOUNT", default=None)
+STRIPE_PRICE_CURRENCY = env.str("STRIPE_PRICE_CURRENCY", default="").lower()
+STRIPE_WEBHOOK_SECRET = env.str(
+    "STRIPE_WEBHOOK_SECRET", default="whsec_localDevelopmentOnlyNotSecret" if DEBUG else ""
+)
+STRIPE_WEBHOOK_UUID = env.str(
+    "STRIPE_WEBHOOK_UUID", default="00000000-0000-4000-8000-00000000beef" if DEBUG else ""
+)
+# The "Buy" form goes to a local stand-in checkout page instead of Stripe (DEBUG, no real key).
+BILLING_LOCAL_CHECKOUT = env.bool(
+    "BILLING_LOCAL_CHECKOUT",
+    default=DEBUG and STRIPE_SECRET_KEY in ("", LOCAL_STRIPE_SECRET_KEY),
+)
 STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
 if STRIPE_API_BASE:
     STRIPE_API_HOST = STRIPE_API_BASE
