@@ -92,8 +92,12 @@ def configure(
 ) -> None:
     """Run the playbook against the VM, streaming its output into the log."""
     settings.require("ssh_private_key_file")
-    vars_file = workdir / "agent-vars.json"
-    vars_file.write_text(json.dumps(variables))
+    # YAML with every value tagged !unsafe: the agent's name is customer text, and Ansible
+    # would otherwise evaluate any Jinja in it on this runner, where the secrets are.
+    vars_file = workdir / "agent-vars.yml"
+    vars_file.write_text(
+        "".join(f"{key}: !unsafe {json.dumps(str(value))}\n" for key, value in variables.items())
+    )
     ssh_args = " ".join(_ssh_options(settings, known_hosts)[:-2])
     command = [
         settings.ansible_playbook,

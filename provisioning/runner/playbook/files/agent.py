@@ -1,0 +1,57 @@
+"""The agent service's placeholder process: a health endpoint the provisioning runner polls.
+
+`GET /healthz` answers `{"status": "ok", ...}` once the process is up. The real agent program
+replaces this file; the endpoint's shape is the contract with the runner's health-check step.
+Standard library only: it runs in the VM's fresh virtual environment.
+"""
+
+import json
+import os
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+SETTINGS_PATH = os.environ.get("AGENT_SETTINGS", "/etc/agent/agent.json")
+STARTED = time.monotonic()
+
+
+def load_settings():
+    with open(SETTINGS_PATH, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class Health(BaseHTTPRequestHandler):
+    server_version = "agent/0.1"
+
+    def do_GET(self):
+        if self.path.split("?", 1)[0] != "/healthz":
+            self.send_error(404)
+            return
+        body = json.dumps(
+            {
+                "status": "ok",
+                "job_id": self.server.settings.get("job_id", ""),
+                "uptime_seconds": round(time.monotonic() - STARTED, 1),
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        sys.stderr.write("healthz: " + format % args + "\n")
+
+
+def main():
+    settings = load_settings()
+    port = int(settings.get("health_port", 8080))
+    server = ThreadingHTTPServer(("0.0.0.0", port), Health)  # noqa: S104 - the runner polls it from outside
+    server.settings = settings
+    print(f"agent {settings.get('name', '')!r} listening on :{port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
