@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from billing import services
+from billing.models import UnfulfillablePayment
+
+
+class ResolvedFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+        return [("open", "Open"), ("resolved", "Resolved")]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[UnfulfillablePayment]
+    ) -> QuerySet[UnfulfillablePayment]:
+        if self.value() == "open":
+            return queryset.filter(resolved_at__isnull=True)
+        if self.value() == "resolved":
+            return queryset.filter(resolved_at__isnull=False)
+        return queryset
+
+
+@admin.register(UnfulfillablePayment)
+class UnfulfillablePaymentAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = [
+        "created_at",
+        "stripe_event_id",
+        "event_type",
+        "reason",
+        "detail",
+        "customer_reference",
+        "checkout_session_id",
+        "resolved_at",
+    ]
+    list_filter = [ResolvedFilter, "reason", "event_type", "created_at"]
+    search_fields = [
+        "stripe_event_id",
+        "checkout_session_id",
+        "customer_reference",
+        "stripe_customer_id",
+        "detail",
+    ]
+    date_hierarchy = "created_at"
+    readonly_fields = [
+        "stripe_event_id",
+        "event_type",
+        "checkout_session_id",
+        "customer_reference",
+        "stripe_customer_id",
+        "reason",
+        "detail",
+        "payload",
+        "created_at",
+        "resolved_at",
+        "resolved_by",
+    ]
+    fields = [*readonly_fields, "note"]
+    actions = ["mark_resolved"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rows come from Stripe events only
+
+    @admin.action(description="Mark selected payments resolved", permissions=["change"])
+    def mark_resolved(self, request: HttpRequest, queryset: QuerySet[UnfulfillablePayment]) -> None:
+        rows = list(queryset)
+        done = sum(services.unfulfillable_resolve(payment=row, by=request.user) for row in rows)
+        self.message_user(request, f"Resolved {done} of {len(rows)} payments.")

@@ -1,0 +1,71 @@
+"""Billing's own records. Stripe's objects live in dj-stripe's tables; nothing here points at them
+(ids are kept as strings), so billing's migrations never wait on dj-stripe's."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class UnfulfillableReason(models.TextChoices):
+    UNKNOWN_CUSTOMER = "unknown_customer", "Unknown customer"
+    BAD_METADATA = "bad_metadata", "Missing or invalid metadata"
+    WRONG_MODE = "wrong_mode", "Not a subscription checkout"
+    WRONG_LIVEMODE = "wrong_livemode", "Live/test mode mismatch"
+    WRONG_PRICE = "wrong_price", "Amount or currency is not our price"
+    AGENT_CONFLICT = "agent_conflict", "Agent for this session exists for another customer"
+
+
+class UnfulfillablePayment(models.Model):
+    """A paid Stripe event we could not turn into an agent: an operator's turn.
+
+    Recording it answers Stripe with 200 (retrying a permanent error for days helps nobody); the
+    row is what keeps the payment from being silently dropped. One row per event: a redelivery
+    of the same event finds it and adds nothing.
+    """
+
+    stripe_event_id = models.CharField(max_length=255, unique=True)
+    event_type = models.CharField(max_length=100)
+    checkout_session_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    # client_reference_id as Stripe sent it (our user's pk, when the session is ours).
+    customer_reference = models.CharField(max_length=255, blank=True, default="")
+    stripe_customer_id = models.CharField(max_length=255, blank=True, default="")
+    reason = models.CharField(max_length=32, choices=UnfulfillableReason)
+    detail = models.TextField(blank=True, default="")
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # Operators close the loop here (refunded, agent made by hand, …).
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    note = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(reason__in=UnfulfillableReason.values),
+                name="unfulfillable_reason_valid",
+            ),
+        ]
+        indexes = [
+            # The admin's default view: open cases, newest first.
+            models.Index(
+                fields=["-created_at"],
+                condition=Q(resolved_at__isnull=True),
+                name="unfulfillable_open_newest",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.stripe_event_id} ({self.get_reason_display()})"
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.resolved_at is not None
