@@ -7,6 +7,8 @@ from django.conf import settings
 
 from tests.fakes.runner_backend import RecordingBackend
 
+pytest_plugins = ["tests.fakes.oidc", "tests.fakes.github"]
+
 
 def _on_postgres() -> bool:
     return settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
