@@ -1,0 +1,152 @@
+"""The provisioning workflow and its playbook pass the offline linters, and keep their contract.
+
+Linters: actionlint (with shellcheck for the `run:` scripts), check-jsonschema against GitHub's
+workflow schema, and `ansible-playbook --syntax-check`. All come with the dev extra; a test is
+skipped (saying which binary) only when one is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOW = REPO_ROOT / ".github" / "workflows" / "provision.yml"
+PLAYBOOK = REPO_ROOT / "provisioning" / "runner" / "playbook" / "site.yml"
+VENV_BIN = Path(sys.executable).parent
+SEARCH_PATH = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=SEARCH_PATH)
+    if found is None:
+        pytest.skip(f"{name} is not installed: pip install -e '.[dev]'")
+    return found
+
+
+def run(*command: str, cwd: Path = REPO_ROOT, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env={**os.environ, "PATH": SEARCH_PATH, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_actionlint_with_shellcheck_finds_nothing():
+    actionlint, shellcheck = tool("actionlint"), tool("shellcheck")
+
+    result = run(actionlint, f"-shellcheck={shellcheck}", str(WORKFLOW))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_really_runs_shellcheck(tmp_path):
+    actionlint, shellcheck = tool("actionlint"), tool("shellcheck")
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: echo $X\n"
+    )
+
+    result = run(actionlint, f"-shellcheck={shellcheck}", str(bad))
+
+    assert "SC2086" in result.stdout
+
+
+def test_workflow_matches_githubs_schema():
+    check_jsonschema = tool("check-jsonschema")
+
+    result = run(check_jsonschema, "--builtin-schema", "vendor.github-workflows", str(WORKFLOW))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_playbook_passes_ansible_syntax_check(tmp_path):
+    ansible_playbook = tool("ansible-playbook")
+
+    result = run(
+        ansible_playbook,
+        "--syntax-check",
+        "-i",
+        "localhost,",
+        str(PLAYBOOK),
+        ANSIBLE_LOCAL_TEMP=str(tmp_path),
+        ANSIBLE_HOME=str(tmp_path),
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _workflow() -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def test_workflow_grants_only_an_id_token_and_serialises_runs_per_job():
+    workflow = _workflow()
+    job = workflow["jobs"]["provision"]
+
+    assert workflow["permissions"] == {}
+    assert job["permissions"] == {"id-token": "write", "contents": "read"}
+    assert job["concurrency"] == {
+        "group": "provision-${{ inputs.job_id }}",
+        "cancel-in-progress": False,
+    }
+    assert job["environment"] == "production"
+    assert workflow["run-name"] == "provision ${{ inputs.job_id }} attempt ${{ inputs.attempt }}"
+    # PyYAML reads the bare key `on` as True.
+    inputs = workflow[True]["workflow_dispatch"]["inputs"]
+    assert set(inputs) == {"job_id", "attempt", "mode"}
+    assert inputs["mode"]["options"] == ["provision", "cleanup", "deprovision"]
+
+
+def test_no_expression_is_spliced_into_a_script():
+    steps = _workflow()["jobs"]["provision"]["steps"]
+
+    scripts = [step["run"] for step in steps if "run" in step]
+
+    assert scripts
+    assert not [s for s in scripts if "${{" in s]
+
+
+def test_steps_run_in_the_contract_order_with_timeouts_and_a_failure_handler():
+    steps = _workflow()["jobs"]["provision"]["steps"]
+    commands = [
+        m.group(1)
+        for step in steps
+        if (m := re.search(r"python -m provisioning\.runner ([a-z-]+)", step.get("run", "")))
+    ]
+
+    assert commands == [
+        "claim",
+        "heartbeat-loop",
+        "create-server",
+        "wait-ssh",
+        "configure",
+        "health-check",
+        "delete-servers",
+        "complete",
+        "cleanup",
+        "fail",
+    ]
+    by_command = {
+        m.group(1): step
+        for step in steps
+        if (m := re.search(r"python -m provisioning\.runner ([a-z-]+)", step.get("run", "")))
+    }
+    for name in ("create-server", "wait-ssh", "configure", "health-check", "complete"):
+        assert by_command[name]["timeout-minutes"] > 0
+    assert "failure() || cancelled()" in by_command["fail"]["if"]
+    assert "nohup" in by_command["heartbeat-loop"]["run"]
+    checkout = next(s for s in steps if s.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["uses"] == "actions/checkout@v5"
+    assert checkout["with"]["persist-credentials"] is False
