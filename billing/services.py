@@ -72,14 +72,14 @@ class Purchase:
 
 
 def agent_name_clean(value: object) -> str:
-    """1–64 printable characters after trimming; the dashboard's form and fulfilment share it."""
+    """1 to 64 printable characters after trimming; the dashboard's form and fulfilment share it."""
     if not isinstance(value, str):
         raise PurchaseInvalid(UnfulfillableReason.BAD_METADATA, "metadata.agent_name is missing")
     name = value.strip()
     if not 1 <= len(name) <= AGENT_NAME_MAX_CHARS:
         raise PurchaseInvalid(
             UnfulfillableReason.BAD_METADATA,
-            f"metadata.agent_name must be 1–{AGENT_NAME_MAX_CHARS} characters, got {len(name)}",
+            f"metadata.agent_name must be 1 to {AGENT_NAME_MAX_CHARS} characters, got {len(name)}",
         )
     if not name.isprintable():
         raise PurchaseInvalid(

@@ -1,3 +1,9 @@
-from django.urls import URLPattern
+from django.urls import path
 
-urlpatterns: list[URLPattern] = []
+from billing import views
+
+app_name = "billing"
+
+urlpatterns = [
+    path("local-checkout/", views.LocalCheckoutView.as_view(), name="local-checkout"),
+]

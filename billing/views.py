@@ -1,0 +1,95 @@
+"""The local stand-in for Stripe Checkout (BILLING_LOCAL_CHECKOUT: `make run`, no Stripe account).
+
+"Pay (test mode)" does what Stripe would: it sends a signed `checkout.session.completed` to our
+own webhook over HTTP, so the purchase goes through exactly the path a real one takes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+from django.conf import settings
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
+from django.template import TemplateDoesNotExist
+from django.template.loader import get_template
+from django.views import View
+
+from billing import services, test_events
+from provisioning.models import Region
+
+logger = logging.getLogger(__name__)
+
+AFTER_PAYMENT_URL = "/agents/"
+
+
+def _base_template() -> str:
+    try:
+        get_template("base.html")
+    except TemplateDoesNotExist:
+        return "billing/standalone_base.html"
+    return "base.html"
+
+
+class LocalCheckoutView(LoginRequiredMixin, View):
+    # The HTTP transport for the webhook call; None is a real socket (tests put the app here).
+    transport: httpx.BaseTransport | None = None
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not settings.BILLING_LOCAL_CHECKOUT:
+            raise Http404("local checkout is off")
+        return super().dispatch(request, *args, **kwargs)
+
+    def _order(self, data: Any) -> tuple[str, str] | None:
+        try:
+            return (
+                services.agent_name_clean(data.get("agent_name")),
+                services.region_clean(data.get("region")),
+            )
+        except services.PurchaseInvalid:
+            return None
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        order = self._order(request.GET)
+        if order is None:
+            return HttpResponse("Invalid agent name or region.", status=400)
+        agent_name, region = order
+        return render(
+            request,
+            "billing/local_checkout.html",
+            {
+                "base_template": _base_template(),
+                "agent_name": agent_name,
+                "region": region,
+                "region_label": Region(region).label,
+                "amount": (getattr(settings, "STRIPE_PRICE_AMOUNT", None) or 2000) / 100,
+                "currency": (getattr(settings, "STRIPE_PRICE_CURRENCY", "") or "usd").upper(),
+            },
+        )
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        order = self._order(request.POST)
+        if order is None:
+            return HttpResponse("Invalid agent name or region.", status=400)
+        agent_name, region = order
+        event = test_events.build_checkout_event(
+            "checkout.session.completed",
+            user=request.user,
+            agent_name=agent_name,
+            region=region,
+            livemode=False,
+        )
+        try:
+            response = test_events.post_event(event, transport=self.transport)
+        except httpx.HTTPError as exc:
+            logger.exception("local checkout: webhook unreachable")
+            return HttpResponse(f"Could not reach the webhook: {exc}", status=502)
+        if response.status_code != 200:
+            logger.error("local checkout: webhook answered %s", response.status_code)
+            return HttpResponse(
+                f"The webhook refused the payment ({response.status_code}).", status=502
+            )
+        return HttpResponseRedirect(AFTER_PAYMENT_URL)
