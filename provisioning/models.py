@@ -239,6 +239,13 @@ class ProvisioningJob(models.Model):
                 name="job_failed_cleanup_due",
             ),
         ]
+        # Operator actions in the admin console; each guards one service call.
+        permissions = [
+            ("retry_job", "Can retry failed jobs"),
+            ("cancel_job", "Can cancel queued or provisioning jobs"),
+            ("timeout_job", "Can time out provisioning jobs now"),
+            ("redispatch_job", "Can re-dispatch queued jobs"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} {str(self.pk)[:8]} ({self.status}, attempt {self.attempt})"

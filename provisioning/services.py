@@ -828,3 +828,31 @@ def job_redispatch(*, job_id: UUID | str, actor: str) -> ProvisioningJob:
     _cancel_run_later(old_run)
     _dispatch_soon()
     return job
+
+
+def job_force_timeout(*, job_id: UUID | str, actor: str, reason: str = "") -> ProvisioningJob:
+    """PROVISIONING -> QUEUED (retries left) or FAILED: an operator's "time out now".
+
+    The same fail path as job_timeout_if_stale, without waiting for the job to go silent (the
+    operator knows the run is lost); spends a retry like any timeout and cancels the run after
+    commit. InvalidTransition unless the job is provisioning, so a repeat changes nothing.
+    """
+    with transaction.atomic():
+        job = ProvisioningJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.status != JobStatus.PROVISIONING:
+            raise InvalidTransition(job_id=job.pk, current=job.status, wanted=JobStatus.FAILED)
+        silent = int((timezone.now() - job.silent_since()).total_seconds())
+        run_id = job.workflow_run_id
+        _fail_locked(
+            job,
+            actor=actor,
+            action=JobEvent.Action.TIMEOUT,
+            error=reason
+            or f"Timed out by {actor} (silent for {silent}s, step {job.step or 'unknown'})",
+            failed_step=Step.TIMEOUT,
+            run_id=run_id,
+        )
+        _cancel_run_later(run_id)
+    return job
