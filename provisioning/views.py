@@ -22,6 +22,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from billing import services as billing_services
 from provisioning import selectors, services
 from provisioning.errors import AgentEnded, InvalidTransition, ProvisionInProgress
 from provisioning.forms import AgentBuyForm
@@ -276,8 +277,6 @@ def agent_buy(request: HttpRequest) -> HttpResponse:
     form = AgentBuyForm(request.POST or None)
     status = 200
     if request.method == "POST" and form.is_valid():
-        from billing import services as billing_services
-
         try:
             checkout_url = billing_services.checkout_session_create(
                 user=request.user,
