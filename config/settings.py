@@ -175,6 +175,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Workflow-run callbacks (OIDC) and the customer's read API (session).",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # One name per choice set (`step` and `failed_step` share the runner's steps).
+    "ENUM_NAME_OVERRIDES": {
+        "RunnerStepEnum": "provisioning.apis.RUNNER_STEP_CHOICES",
+        "JobStatusEnum": "provisioning.models.JobStatus",
+    },
 }
 
 # --- The provisioning queue (the seed's three constants and what dispatch needs) -------------
@@ -189,6 +194,9 @@ WORKER_INTERVAL_SECONDS = env.float("WORKER_INTERVAL_SECONDS", default=5.0)
 JOB_DEADLINE_SECONDS = env.int("JOB_DEADLINE_SECONDS", default=3600)
 
 PROVISIONING_RUNNER = env.str("PROVISIONING_RUNNER", default="local")
+# Dispatch right after an enqueue commits (instead of at the next worker tick). Off in tests, so
+# they dispatch explicitly.
+DISPATCH_ON_COMMIT = env.bool("DISPATCH_ON_COMMIT", default=not TESTING)
 # Hand new work to a runner right after an enqueue commits (else the worker's next tick does).
 # Off under tests, which start runs explicitly.
 DISPATCH_ON_COMMIT = env.bool("DISPATCH_ON_COMMIT", default=not TESTING)
@@ -236,7 +244,7 @@ METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 STRIPE_LIVE_MODE = env.bool("STRIPE_LIVE_MODE", default=False)
 # Local development (DEBUG only) gets fake-format values so `make run` works with no Stripe account;
 # production has no defaults: an unset value leaves the integration off.
-LOCAL_STRIPE_SECRET_KEY = "sk_test_localDevelopmentOnlyNotAStripeKey0000"
+LOCAL_STRIPE_SECRET_KEY = "sk_test_localDevelopmentOnlyNotAStripeKey0000"  # noqa: S105 (fake format)
 STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default=LOCAL_STRIPE_SECRET_KEY if DEBUG else "")
 STRIPE_TEST_SECRET_KEY = "" if STRIPE_LIVE_MODE else STRIPE_SECRET_KEY
 STRIPE_LIVE_SECRET_KEY = STRIPE_SECRET_KEY if STRIPE_LIVE_MODE else ""

@@ -1,0 +1,112 @@
+"""Who is calling the runner callbacks: one attempt of one workflow run, proven by its OIDC token.
+
+`WorkflowRunAuthentication` turns `Authorization: Bearer <GitHub Actions ID token>` into
+`request.auth = RunIdentity` (oidc.verify_run_token does every check). A missing header leaves
+the request anonymous, so `IsWorkflowRun` refuses it; DRF answers both with 401 and
+`WWW-Authenticate: Bearer` because `authenticate_header` is defined (DRF answers 403 otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from rest_framework import exceptions, status
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
+
+from provisioning import oidc
+from provisioning.oidc import RunIdentity, TokenInvalid
+
+logger = logging.getLogger(__name__)
+
+
+class KeySetUnavailable(exceptions.APIException):
+    """We could not fetch the issuer's keys: not the caller's fault, and worth a retry (5xx)."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The token issuer's keys are unavailable; retry shortly."
+    default_code = "key_set_unavailable"
+
+
+class WorkflowRun:
+    """`request.user` for a verified run. Not a Django user: it has no rows and no permissions."""
+
+    is_authenticated = True
+    is_anonymous = False
+    is_active = True
+    is_staff = False
+    is_superuser = False
+    pk = None
+
+    def __init__(self, identity: RunIdentity) -> None:
+        self.identity = identity
+        self.username = f"workflow:{identity.run_id}"
+
+    def __str__(self) -> str:
+        return self.username
+
+
+class WorkflowRunAuthentication(BaseAuthentication):
+    keyword = "Bearer"
+
+    def authenticate(self, request: Request) -> tuple[WorkflowRun, RunIdentity] | None:
+        parts = get_authorization_header(request).split()
+        if not parts or parts[0].lower() != self.keyword.lower().encode():
+            return None  # anonymous: IsWorkflowRun answers 401
+        if len(parts) != 2:
+            raise exceptions.AuthenticationFailed(
+                "Workflow token refused: the Authorization header must be 'Bearer <token>'.",
+                code="invalid_token",
+            )
+        try:
+            token = parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise exceptions.AuthenticationFailed(
+                "Workflow token refused: malformed token.", code="invalid_token"
+            ) from None
+        try:
+            identity = oidc.verify_run_token(token)
+        except TokenInvalid as exc:
+            if exc.reason == "key set unavailable":
+                raise KeySetUnavailable() from exc
+            # The reason is fixed text ("expired", "wrong audience"); the detail (what was seen)
+            # goes to the log only.
+            logger.info("workflow token refused: %s", exc)
+            raise exceptions.AuthenticationFailed(
+                f"Workflow token refused: {exc.reason}.", code="invalid_token"
+            ) from exc
+        return WorkflowRun(identity), identity
+
+    def authenticate_header(self, request: Request) -> str:
+        return self.keyword
+
+
+class IsWorkflowRun(BasePermission):
+    """Only a verified workflow run may call; anything else is 401 (no token) by DRF's rules."""
+
+    message = "A workflow run's OIDC token is required: 'Authorization: Bearer <token>'."
+    code = "not_authenticated"
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return isinstance(request.auth, RunIdentity)
+
+
+class WorkflowRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+    """Describes the bearer scheme in the OpenAPI schema (drf-spectacular finds it by import)."""
+
+    target_class = "provisioning.authentication.WorkflowRunAuthentication"
+    name = "workflowRunToken"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": (
+                "A GitHub Actions OIDC ID token of a run of our workflow, minted fresh for every "
+                "call (its jti is single-use on claim, complete and fail)."
+            ),
+        }

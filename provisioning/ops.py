@@ -1,0 +1,224 @@
+"""Monitoring doors: `/healthz` and `/metrics`, both computed from the database at request time.
+
+Every web process answers alike (no per-process counters): the numbers are SQL aggregates over
+the job table, each served by an index or bounded to a small set of rows.
+
+`/healthz` answers 200 while the database answers, and says whether a worker is alive:
+"ok" (a tick within max(3 x WORKER_INTERVAL_SECONDS, 60 s)), "stale" (older), "absent" (never).
+A dead worker does not make the web tier unhealthy (restarting web processes would not help), so
+it stays 200 with the problem spelled out; alert on `provisioning_worker_last_tick_age_seconds`.
+503 only when the database is unreachable.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Min, Q, Sum
+from django.db.models.functions import Coalesce
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from provisioning import selectors
+from provisioning.models import JobKind, JobStatus, ProvisioningJob, WorkerBeat
+
+logger = logging.getLogger(__name__)
+
+# Provisioning takes minutes; buckets from 30 s to 2 h (seconds).
+DURATION_BUCKETS = (30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200)
+OUTCOME_WINDOW = timedelta(hours=24)
+# Bounds the 24 h outcome queries by created_at so they use the (-created_at) index instead of
+# scanning every finished job; a job finished today but created over a week ago is not counted.
+OUTCOME_CREATED_LOOKBACK = timedelta(days=7)
+
+
+def worker_stale_after() -> float:
+    return max(3 * float(settings.WORKER_INTERVAL_SECONDS), 60.0)
+
+
+def _age(now: datetime, then: datetime | None) -> float | None:
+    return None if then is None else max((now - then).total_seconds(), 0.0)
+
+
+def worker_state(now: datetime) -> tuple[str, float | None]:
+    last = WorkerBeat.objects.aggregate(last=Max("last_tick_at"))["last"]
+    age = _age(now, last)
+    if age is None:
+        return "absent", None
+    return ("ok" if age <= worker_stale_after() else "stale"), age
+
+
+@require_GET
+@never_cache
+def healthz(request: HttpRequest) -> JsonResponse:
+    now = timezone.now()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        worker, age = worker_state(now)
+    except DatabaseError as exc:
+        logger.error("healthz: database unreachable: %s", exc)
+        return JsonResponse(
+            {"database": "unreachable", "worker": "unknown", "last_tick_age_seconds": None},
+            status=503,
+        )
+    return JsonResponse(
+        {
+            "database": "ok",
+            "worker": worker,
+            "last_tick_age_seconds": None if age is None else round(age, 3),
+            "worker_stale_after_seconds": worker_stale_after(),
+        }
+    )
+
+
+class JobCollector(Collector):
+    """Prometheus figures read from the database at scrape time."""
+
+    def collect(self) -> Iterator[Any]:
+        now = timezone.now()
+        yield from self._by_status(now)
+        yield from self._ages(now)
+        yield from self._outcomes(now)
+        yield from self._worker(now)
+
+    def _by_status(self, now: datetime) -> Iterator[Any]:
+        jobs = GaugeMetricFamily(
+            "provisioning_jobs", "Jobs by status and kind.", labels=["status", "kind"]
+        )
+        counts = {
+            (status, kind): n
+            for status, kind, n in ProvisioningJob.objects.order_by()
+            .values_list("status", "kind")
+            .annotate(n=Count("pk"))
+            .values_list("status", "kind", "n")
+        }
+        for status in JobStatus.values:
+            for kind in JobKind.values:
+                jobs.add_metric([status, kind], counts.get((status, kind), 0))
+        yield jobs
+
+    def _ages(self, now: datetime) -> Iterator[Any]:
+        # Served by job_queued_fifo (queued rows only) and job_in_flight (provisioning rows only).
+        oldest_queued = ProvisioningJob.objects.filter(status=JobStatus.QUEUED).aggregate(
+            t=Min("created_at")
+        )["t"]
+        oldest_silence = ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING).aggregate(
+            t=Min(Coalesce("last_heartbeat_at", "claimed_at", "updated_at"))
+        )["t"]
+        yield GaugeMetricFamily(
+            "provisioning_oldest_queued_job_age_seconds",
+            "Age of the oldest queued job (0 when none is queued).",
+            value=_age(now, oldest_queued) or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "provisioning_oldest_heartbeat_age_seconds",
+            "Longest silence among provisioning jobs: since the last heartbeat, else the claim "
+            "(0 when none is provisioning).",
+            value=_age(now, oldest_silence) or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "provisioning_stale_jobs",
+            "Provisioning jobs past their timeout or deadline, awaiting the sweep.",
+            value=selectors.job_list_stale(now=now).count(),
+        )
+
+    def _outcomes(self, now: datetime) -> Iterator[Any]:
+        since = now - OUTCOME_WINDOW
+        finished = ProvisioningJob.objects.filter(
+            created_at__gte=now - OUTCOME_CREATED_LOOKBACK,
+            completed_at__gte=since,
+            status__in=[JobStatus.RUNNING, JobStatus.FAILED],
+        )
+        by_outcome = dict(
+            finished.order_by()
+            .values_list("status")
+            .annotate(n=Count("pk"))
+            .values_list("status", "n")
+        )
+        outcomes = GaugeMetricFamily(
+            "provisioning_jobs_finished_24h",
+            "Jobs that ended in the last 24 hours, by outcome (running = succeeded).",
+            labels=["outcome"],
+        )
+        for status in (JobStatus.RUNNING, JobStatus.FAILED):
+            outcomes.add_metric([status], by_outcome.get(status, 0))
+        yield outcomes
+
+        # claimed_at -> completed_at of the attempt that succeeded, bucketed in SQL.
+        duration = ExpressionWrapper(
+            F("completed_at") - F("claimed_at"), output_field=DurationField()
+        )
+        succeeded = finished.filter(
+            status=JobStatus.RUNNING, kind=JobKind.PROVISION, claimed_at__isnull=False
+        ).alias(duration=duration)
+        aggregates: dict[str, Any] = {
+            f"le_{b}": Count("pk", filter=Q(duration__lte=timedelta(seconds=b)))
+            for b in DURATION_BUCKETS
+        }
+        row = succeeded.aggregate(total=Count("pk"), sum=Sum("duration"), **aggregates)
+        total_seconds = row["sum"].total_seconds() if row["sum"] is not None else 0.0
+        buckets = [(str(float(b)), row[f"le_{b}"]) for b in DURATION_BUCKETS]
+        buckets.append(("+Inf", row["total"]))
+        yield HistogramMetricFamily(
+            "provisioning_job_duration_seconds",
+            "Claim to completion of provisions that succeeded in the last 24 hours.",
+            buckets=buckets,
+            sum_value=total_seconds,
+        )
+
+    def _worker(self, now: datetime) -> Iterator[Any]:
+        _state, age = worker_state(now)
+        yield GaugeMetricFamily(
+            "provisioning_worker_last_tick_age_seconds",
+            "Seconds since any worker last ticked (+Inf when no worker ever ran).",
+            value=math.inf if age is None else age,
+        )
+        alive = WorkerBeat.objects.filter(
+            last_tick_at__gte=now - timedelta(seconds=worker_stale_after())
+        ).count()
+        yield GaugeMetricFamily(
+            "provisioning_workers_alive", "Workers that ticked recently.", value=alive
+        )
+
+
+def _metrics_authorized(request: HttpRequest) -> bool:
+    token = getattr(settings, "METRICS_TOKEN", "")
+    if not token:
+        return True
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), str(token).encode()
+    )
+
+
+@require_GET
+@never_cache
+def metrics(request: HttpRequest) -> HttpResponse:
+    if not _metrics_authorized(request):
+        response = JsonResponse(
+            {"detail": "A valid metrics token is required.", "code": "not_authenticated"},
+            status=401,
+        )
+        response["WWW-Authenticate"] = "Bearer"
+        return response
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobCollector())
+    try:
+        body = generate_latest(registry)
+    except DatabaseError as exc:
+        logger.error("metrics: database unreachable: %s", exc)
+        return HttpResponse("database unreachable\n", status=503, content_type="text/plain")
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

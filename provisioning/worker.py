@@ -1,0 +1,133 @@
+"""The worker's loop: every WORKER_INTERVAL_SECONDS, one tick of independent duties.
+
+A tick records this worker's heartbeat (WorkerBeat, for /healthz and /metrics), sweeps timed-out
+jobs through the fail path (which cancels the silent run after commit), dispatches due jobs and
+sends cleanup runs for failed provisions. Each duty is guarded: one failing (GitHub down, a
+database hiccup) never stops the others or the loop.
+
+Several workers at once are safe: dispatch and cleanup take rows with SKIP LOCKED, and the sweep
+re-checks each job under its row lock. No duty runs inside a transaction of ours (the services
+open durable ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.db.models import F
+from django.utils import timezone
+
+from provisioning import services
+from provisioning.models import WorkerBeat
+
+if TYPE_CHECKING:
+    from provisioning.backends.base import RunnerBackend
+
+logger = logging.getLogger(__name__)
+
+# A worker row nobody has updated for this long belongs to a process that is gone.
+BEAT_RETENTION = timedelta(days=7)
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"[:200]
+
+
+@dataclass
+class TickReport:
+    """What one tick did: a count per duty, or the error that duty raised."""
+
+    done: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+@dataclass
+class Worker:
+    name: str = field(default_factory=default_name)
+    interval: float | None = None  # None: settings.WORKER_INTERVAL_SECONDS
+    backend: RunnerBackend | None = None  # None: backends.get_backend() at each use
+    dispatch_limit: int = 50
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    started_at: Any = field(default_factory=timezone.now)
+    ticks: int = 0
+
+    # -- one tick ------------------------------------------------------------------------------
+
+    def duties(self) -> list[tuple[str, Callable[[], int]]]:
+        return [
+            ("beat", self.beat),
+            ("timeout", services.job_timeout_stale),
+            (
+                "dispatch",
+                lambda: services.job_dispatch_due(backend=self.backend, limit=self.dispatch_limit),
+            ),
+            ("cleanup", lambda: services.job_send_cleanup(backend=self.backend)),
+        ]
+
+    def tick(self) -> TickReport:
+        report = TickReport()
+        # Like a request: drop a connection past CONN_MAX_AGE or broken by the last tick.
+        close_old_connections()
+        for name, duty in self.duties():
+            try:
+                report.done[name] = duty()
+            except Exception as exc:
+                logger.exception("worker %s: duty %s failed", self.name, name)
+                report.failed[name] = f"{type(exc).__name__}: {exc}"
+                # A broken connection must not poison the next duty.
+                connection.close_if_unusable_or_obsolete()
+        self.ticks += 1
+        if any(report.done.get(k) for k in ("timeout", "dispatch", "cleanup")):
+            logger.info("worker %s tick %d: %s", self.name, self.ticks, report.done)
+        return report
+
+    def beat(self) -> int:
+        """Upsert this worker's row; prune rows of workers long gone."""
+        now = timezone.now()
+        updated = WorkerBeat.objects.filter(name=self.name).update(
+            last_tick_at=now, ticks=F("ticks") + 1
+        )
+        if not updated:
+            WorkerBeat.objects.update_or_create(
+                name=self.name,
+                defaults={"last_tick_at": now, "ticks": 1},
+                create_defaults={"last_tick_at": now, "started_at": self.started_at, "ticks": 1},
+            )
+            WorkerBeat.objects.filter(last_tick_at__lt=now - BEAT_RETENTION).delete()
+        return 1
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to exit after the current tick (signal handlers call this)."""
+        self.stop_event.set()
+
+    def run(self, *, once: bool = False) -> int:
+        """Tick until stopped; returns the number of ticks. `once`: a single tick (cron, tests)."""
+        interval = float(
+            self.interval if self.interval is not None else settings.WORKER_INTERVAL_SECONDS
+        )
+        logger.info("worker %s started (interval %.1fs)", self.name, interval)
+        try:
+            while True:
+                self.tick()
+                if once or self.stop_event.wait(interval):
+                    break
+        finally:
+            close_old_connections()
+            connection.close()
+        logger.info("worker %s stopped after %d ticks", self.name, self.ticks)
+        return self.ticks
