@@ -273,14 +273,16 @@ def labels_match(labels: dict[str, str], selector: str) -> bool:
     for key, op, values in _parse_label_selector(selector):
         present = key in labels
         value = labels.get(key)
-        ok = {
-            "=": present and value == values[0],
-            "!=": value != values[0],
-            "in": present and value in values,
-            "notin": value not in values,
-            "present": present,
-            "absent": not present,
-        }[op]
+        if op == "=":
+            ok = present and value == values[0]
+        elif op == "!=":
+            ok = value != values[0]
+        elif op == "in":
+            ok = present and value in values
+        elif op == "notin":
+            ok = value not in values
+        else:
+            ok = present if op == "present" else not present
         if not ok:
             return False
     return True

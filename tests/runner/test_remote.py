@@ -1,0 +1,125 @@
+"""The real (non-simulated) VM steps, with stand-ins for ansible-playbook and the VM's endpoint."""
+
+from __future__ import annotations
+
+import json
+import stat
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from provisioning.runner import remote
+from provisioning.runner.config import Settings
+
+
+def settings_for(tmp_path, **env):
+    key = tmp_path / "id_ed25519"
+    key.write_text("not a real key\n")
+    return Settings.from_env(
+        {
+            "RUNNER_SSH_PRIVATE_KEY_FILE": str(key),
+            "RUNNER_HEALTH_TIMEOUT_SECONDS": "3",
+            **env,
+        }
+    )
+
+
+def fake_ansible(tmp_path, exit_code):
+    script = tmp_path / "ansible-playbook"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {tmp_path}/argv\n'
+        'for arg in "$@"; do case "$arg" in @*) cp "${arg#@}" '
+        + f"{tmp_path}/vars.yml;; esac; done\n"
+        "echo 'TASK [Install the Python runtime] ***'\n"
+        "echo 'TASK [Create the agent user] ***'\n"
+        'echo \'fatal: [203.0.113.9]: FAILED! => {"msg": "boom"}\'\n'
+        f"exit {exit_code}\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_configure_passes_customer_text_as_unsafe_and_streams_tasks(tmp_path):
+    settings = settings_for(tmp_path, RUNNER_ANSIBLE_PLAYBOOK=fake_ansible(tmp_path, 0))
+    lines, tasks = [], []
+
+    remote.configure(
+        settings,
+        "203.0.113.9",
+        tmp_path / "known_hosts",
+        {"agent_name": "{{ lookup('pipe', 'id') }}", "job_id": "j"},
+        tmp_path,
+        on_task=tasks.append,
+        log=lines.append,
+        checkpoint=lambda: None,
+    )
+
+    assert tasks == [1, 2]
+    assert any("FAILED!" in line for line in lines)
+    variables = (tmp_path / "vars.yml").read_text().splitlines()
+    assert variables[0] == "agent_name: !unsafe \"{{ lookup('pipe', 'id') }}\""
+    assert "203.0.113.9," in (tmp_path / "argv").read_text()
+
+
+def test_configure_raises_when_ansible_fails(tmp_path):
+    settings = settings_for(tmp_path, RUNNER_ANSIBLE_PLAYBOOK=fake_ansible(tmp_path, 2))
+
+    with pytest.raises(remote.RemoteError, match="status 2"):
+        remote.configure(
+            settings,
+            "203.0.113.9",
+            tmp_path / "known_hosts",
+            {},
+            tmp_path,
+            on_task=lambda _n: None,
+            log=lambda _line: None,
+            checkpoint=lambda: None,
+        )
+
+
+class _Health(BaseHTTPRequestHandler):
+    answers: list[tuple[int, dict]] = []
+
+    def do_GET(self):
+        status, body = self.answers.pop(0) if self.answers else (200, {"status": "ok"})
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def vm_endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_health_check_polls_until_the_agent_says_ok(tmp_path, vm_endpoint):
+    _Health.answers = [(503, {"status": "starting"})]
+    settings = settings_for(tmp_path, RUNNER_HEALTH_PORT=str(vm_endpoint.server_address[1]))
+    lines = []
+
+    remote.health_check(settings, "127.0.0.1", sleep=lambda _s: None, log=lines.append)
+
+    assert "healthy after 2 tries" in lines[-1]
+
+
+def test_health_check_gives_up_with_the_last_answer(tmp_path, vm_endpoint):
+    _Health.answers = [(503, {"status": "starting"})] * 10_000
+    settings = settings_for(
+        tmp_path,
+        RUNNER_HEALTH_PORT=str(vm_endpoint.server_address[1]),
+        RUNNER_HEALTH_TIMEOUT_SECONDS="0.3",
+    )
+
+    with pytest.raises(remote.RemoteError, match="HTTP 503"):
+        remote.health_check(settings, "127.0.0.1", sleep=lambda _s: None, log=lambda _l: None)
