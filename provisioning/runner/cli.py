@@ -220,7 +220,8 @@ def _fail(settings: Settings) -> int:
         if state.completed:
             runner.log("the job was completed: nothing to report or delete")
             return EXIT_OK
-        runner.finish_failure(None)
+        if not runner.finish_failure(None):
+            return EXIT_FAILED
     except Exception as exc:
         runner.log(f"failure handling failed: {exc!r}")
         return EXIT_FAILED

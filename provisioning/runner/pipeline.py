@@ -348,8 +348,11 @@ class Runner:
         return deleted
 
     # -- failure --------------------------------------------------------------------------
-    def finish_failure(self, error: str | None) -> None:
-        """Report the failure (unless fenced or never claimed) and delete this attempt's VM."""
+    def finish_failure(self, error: str | None) -> bool:
+        """Report the failure (unless fenced or never claimed) and delete this attempt's VM.
+
+        False if the VM could not be deleted (it stays labelled for the cleanup run).
+        """
         fenced = self._fence_reason or self.state.fenced_reason()
         if self.state.claimed and not fenced and not self.state.failure_reported:
             message = (
@@ -364,7 +367,12 @@ class Runner:
                 self.log(f"reported failure at {self.state.step}")
             except (ApiError, ApiUnavailable, ConfigError) as exc:
                 self.log(f"could not report the failure: {exc}")
-        self.delete_own_server()
+        try:
+            self.delete_own_server()
+        except Exception as exc:
+            self.log(f"could not delete server {self.state.server_id}: {exc!r}")
+            return False
+        return True
 
     def delete_own_server(self) -> None:
         state = self.state
@@ -376,11 +384,7 @@ class Runner:
         if not state.created_by_this_attempt:
             self.log(f"keeping server {state.server_id}: an earlier attempt created it")
             return
-        try:
-            gone = self.cloud.delete(state.server_id)
-        except Exception as exc:
-            self.log(f"could not delete server {state.server_id}: {exc!r}")
-            raise
+        gone = self.cloud.delete(state.server_id)
         self.log(f"deleted server {state.server_id}" if gone else "server was already gone")
         state.server_id = None
         state.created_by_this_attempt = False
@@ -474,7 +478,10 @@ def run_provision(settings: Settings, state: RunState) -> int:
         except Fenced as exc:
             runner.stop_heartbeat()
             runner.log(f"fenced out, stopping: {exc}")
-            runner.delete_own_server()
+            try:
+                runner.delete_own_server()
+            except Exception as delete_exc:
+                runner.log(f"could not delete server {state.server_id}: {delete_exc!r}")
             return EXIT_FENCED
         except Exception as exc:
             runner.stop_heartbeat()

@@ -304,3 +304,16 @@ def test_state_file_is_private_to_a_run_by_default(runner_env, job_id, tmp_path)
     provision(runner_env, job_id)
 
     assert not (tmp_path / "provision-state.json").exists()
+
+
+def test_a_vm_that_cannot_be_deleted_is_left_for_cleanup_and_the_failure_still_reported(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    fake_hetzner.fail_next("DELETE", "/v1/servers/", status=503, code="unavailable")
+
+    result = provision(runner_env, job_id, RUNNER_FAIL_STEP="wait-ssh")
+
+    assert result.returncode == 1
+    assert callback_api.of("fail")[0].body["failed_step"] == "wait-ssh"
+    assert len(fake_hetzner.servers) == 1
+    assert "could not delete server" in result.stderr
