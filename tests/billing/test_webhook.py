@@ -13,7 +13,7 @@ from djstripe.models import Event, WebhookEventTrigger
 from billing import services
 from billing.models import UnfulfillablePayment, UnfulfillableReason
 from provisioning.models import Agent, JobStatus, ProvisioningJob
-from tests.billing.conftest import WEBHOOK_SECRET, load_event, new_session_id
+from tests.billing.conftest import load_event, new_session_id
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db

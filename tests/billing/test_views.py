@@ -1,0 +1,86 @@
+"""The local stand-in checkout page: it pays by sending a signed event to our own webhook."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from billing.views import LocalCheckoutView
+from provisioning.models import Agent
+from tests.billing.conftest import DjangoClientTransport
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+URL = "/billing/local-checkout/"
+
+
+@pytest.fixture
+def local_checkout(settings, monkeypatch):
+    settings.BILLING_LOCAL_CHECKOUT = True
+    # The page calls the webhook over HTTP; here that HTTP goes to this app in-process.
+    monkeypatch.setattr(LocalCheckoutView, "transport", DjangoClientTransport())
+
+
+@pytest.fixture
+def customer_client():
+    client = Client()
+    client.force_login(UserFactory(username="ada"))
+    return client
+
+
+def test_the_page_shows_the_order_and_a_test_mode_pay_button(local_checkout, customer_client):
+    response = customer_client.get(URL, {"agent_name": "helper", "region": "eu-central"})
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Pay (test mode)" in page
+    assert "helper" in page
+    assert "csrfmiddlewaretoken" in page
+
+
+def test_paying_sends_a_signed_event_and_the_agent_appears(local_checkout, endpoint):
+    user = UserFactory(username="ada")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    page = client.get(URL, {"agent_name": "helper", "region": "eu-central"})
+    token = page.context["csrf_token"]
+
+    response = client.post(
+        URL, {"agent_name": "helper", "region": "eu-central", "csrfmiddlewaretoken": str(token)}
+    )
+
+    assert response.status_code == 302
+    assert response["Location"] == "/agents/"
+    agent = Agent.objects.get()
+    assert (agent.owner, agent.name, agent.region) == (user, "helper", "eu-central")
+    assert agent.jobs.count() == 1
+
+
+def test_paying_without_a_csrf_token_is_refused(local_checkout, endpoint):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(UserFactory(username="ada"))
+
+    response = client.post(URL, {"agent_name": "helper", "region": "eu-central"})
+
+    assert response.status_code == 403
+    assert Agent.objects.count() == 0
+
+
+def test_the_page_needs_a_login(local_checkout, client):
+    response = client.get(URL, {"agent_name": "helper", "region": "us-east"})
+
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/")
+
+
+def test_the_page_does_not_exist_without_local_checkout(customer_client, settings):
+    settings.BILLING_LOCAL_CHECKOUT = False
+
+    assert customer_client.get(URL, {"agent_name": "a", "region": "us-east"}).status_code == 404
+
+
+def test_a_bad_order_is_refused(local_checkout, customer_client):
+    response = customer_client.get(URL, {"agent_name": "", "region": "mars"})
+
+    assert response.status_code == 400
