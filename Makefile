@@ -26,6 +26,7 @@ run: install
 	@mkdir -p var
 	$(LOCAL_ENV) $(PY) manage.py migrate --no-input
 	$(LOCAL_ENV) $(PY) manage.py seed_demo
+	$(LOCAL_ENV) $(PY) manage.py setup_stripe_webhook
 	$(LOCAL_ENV) $(PY) manage.py run_local_stack
 
 lint: install
