@@ -37,8 +37,11 @@ from provisioning.models import (
 
 logger = logging.getLogger(__name__)
 
-# The htmx partial is polled this often while a job is queued or provisioning.
-POLL_SECONDS = 3
+
+def poll_seconds() -> int:
+    """How often the htmx partial is polled while a job is queued or provisioning."""
+    return int(getattr(settings, "DASHBOARD_POLL_SECONDS", 3))
+
 
 CHECKOUT_UNAVAILABLE_MESSAGE = (
     "We could not reach our payment provider just now, so nothing was charged. "
@@ -247,7 +250,7 @@ def agent_list(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "provisioning/agent_list.html",
-        {"rows": rows, "poll_seconds": POLL_SECONDS},
+        {"rows": rows, "poll_seconds": poll_seconds()},
     )
 
 
@@ -255,7 +258,7 @@ def agent_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 def agent_detail(request: HttpRequest, agent_id: UUID) -> HttpResponse:
     agent = _own_agent(request, agent_id)
-    context = _agent_context(agent) | {"poll_seconds": POLL_SECONDS, "compact": False}
+    context = _agent_context(agent) | {"poll_seconds": poll_seconds(), "compact": False}
     return render(request, "provisioning/agent_detail.html", context)
 
 
@@ -266,7 +269,7 @@ def agent_status_partial(request: HttpRequest, agent_id: UUID) -> HttpResponse:
     (the returned block carries no trigger)."""
     agent = _own_agent(request, agent_id)
     compact = request.GET.get("compact") == "1"
-    context = _agent_context(agent) | {"poll_seconds": POLL_SECONDS, "compact": compact}
+    context = _agent_context(agent) | {"poll_seconds": poll_seconds(), "compact": compact}
     return render(request, "provisioning/_agent_status.html", context)
 
 

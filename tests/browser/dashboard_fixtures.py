@@ -1,0 +1,150 @@
+"""Fixtures for the dashboard's browser tests: Chromium, and the whole local pipeline.
+
+`pipeline` wires a live server to loopback fakes the way `make run` does: the fake Hetzner, the
+development OIDC issuer, a Stripe webhook endpoint recorded offline, the local runner backend
+(the runner as a subprocess that calls back into the live server over HTTP) and a worker thread.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from billing import services as billing_services
+from billing import test_events
+from provisioning import backends
+from provisioning.localdev.fake_hetzner import FakeHetzner
+from tests.fakes.oidc import running_issuer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+WEBHOOK_SECRET = "whsec_dashboardBrowserTestsOnly"
+WEBHOOK_UUID = "0b7d2c4e-1f3a-4c5b-8d6e-7f8091a2b3c4"
+STRIPE_TEST_KEY = "sk_test_dashboardBrowserTestsOnly000000"
+
+
+def chromium_missing_reason() -> str | None:
+    if not CHROMIUM.exists():
+        return (
+            "Chromium is not installed at /usr/bin/chromium "
+            "(Debian: apt-get install -y chromium chromium-driver; .ci/run installs it)"
+        )
+    return None
+
+
+@pytest.fixture
+def chromium(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Chromium for one test. Not session-scoped on purpose: Playwright's sync API keeps an event
+    loop running in the main thread while it lives, and Django refuses ORM calls there (so a
+    session-long browser would break the database setup of every later test)."""
+    reason = chromium_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    # The test's own ORM calls while Playwright is up are plain synchronous code.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def dashboard_page(chromium: Any) -> Iterator[Any]:
+    context = chromium.new_context()
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+class WorkerThread(threading.Thread):
+    """provisioning.worker's loop on a short interval, in this process so it uses the test
+    database, on its own connection as a separate worker process would."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        super().__init__(name="dashboard-test-worker", daemon=True)
+        from provisioning.worker import Worker
+
+        self.worker = Worker(name="browser-test-worker", interval=interval)
+
+    def run(self) -> None:
+        self.worker.run()  # closes its connection when it stops
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.join(timeout=10)
+
+
+@dataclass
+class Pipeline:
+    base_url: str
+    hetzner: FakeHetzner
+    log_dir: Path
+
+    def runner_logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
+            for path in sorted(self.log_dir.glob("*.log"))
+        )
+
+
+@pytest.fixture
+def pipeline(live_server: Any, settings: Any, tmp_path: Path) -> Iterator[Pipeline]:
+    """The local pipeline around `live_server`, torn down in reverse order."""
+    settings.ALLOWED_HOSTS = ["localhost", "127.0.0.1", "testserver"]
+    settings.DEBUG = False
+    settings.PUBLIC_BASE_URL = live_server.url
+    # Billing: the local stand-in checkout, a webhook endpoint recorded the way `make run` does.
+    settings.BILLING_LOCAL_CHECKOUT = True
+    settings.STRIPE_LIVE_MODE = False
+    settings.STRIPE_SECRET_KEY = STRIPE_TEST_KEY
+    settings.STRIPE_TEST_SECRET_KEY = STRIPE_TEST_KEY
+    settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
+    settings.STRIPE_WEBHOOK_UUID = WEBHOOK_UUID
+    billing_services.webhook_endpoint_setup(
+        secret=WEBHOOK_SECRET,
+        endpoint_uuid=WEBHOOK_UUID,
+        url=test_events.webhook_url(WEBHOOK_UUID),
+        api_key=STRIPE_TEST_KEY,
+        livemode=False,
+        api_version=settings.STRIPE_API_VERSION,
+    )
+    # Provisioning: the local runner against the fakes, fast steps, dispatch right after payment.
+    log_dir = tmp_path / "runner-logs"
+    settings.PROVISIONING_RUNNER = "local"
+    settings.DISPATCH_ON_COMMIT = True
+    settings.LOCAL_RUNNER_LOG_DIR = log_dir
+    settings.DASHBOARD_POLL_SECONDS = 1  # the page polls every 3 s in production
+    settings.LOCAL_RUNNER_STEP_SECONDS = 1.2
+    settings.LOCAL_RUNNER_HEARTBEAT_SECONDS = 0.3
+    settings.LOCAL_RUNNER_EXTRA_ENV = {
+        "RUNNER_HCLOUD_POLL_SECONDS": "0.1",
+        "RUNNER_CLAIM_RETRY_SECONDS": "10",
+        "RUNNER_RETRY_BACKOFF_SECONDS": "0.2",
+    }
+    with FakeHetzner(action_seconds=0.0) as hetzner:
+        settings.LOCAL_HETZNER_URL = hetzner.url
+        issuer = running_issuer(settings)  # sets the OIDC issuer, JWKS URL and LOCAL_OIDC_*
+        next(issuer)
+        backends.reset_backend()
+        worker = WorkerThread()
+        worker.start()
+        try:
+            yield Pipeline(base_url=live_server.url, hetzner=hetzner, log_dir=log_dir)
+        finally:
+            worker.stop()
+            local = backends.get_backend()
+            terminate_all = getattr(local, "terminate_all", None)
+            if terminate_all is not None:
+                terminate_all()
+            backends.reset_backend()
+            next(issuer, None)  # stops the issuer and forgets its keys
+            shutil.rmtree(log_dir, ignore_errors=True)
