@@ -1,0 +1,225 @@
+"""Agents with their jobs, and the append-only job-event log; both read-only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from provisioning.admin import search
+from provisioning.admin.common import EstimatedCountPaginator, ReadOnlyAdmin, ago, run_link
+from provisioning.models import Agent, JobEvent, JobStatus, ProvisioningJob
+
+
+def _job_link(job_id: Any) -> SafeString:
+    url = reverse("admin:provisioning_provisioningjob_change", args=[job_id])
+    return format_html('<a href="{}">{}</a>', url, str(job_id)[:8])
+
+
+def _status_badge(status: str | None) -> SafeString | str:
+    if not status:
+        return "—"
+    return format_html('<span class="job-badge job-{}">{}</span>', status, JobStatus(status).label)
+
+
+class AgentJobInline(admin.TabularInline):  # type: ignore[type-arg]
+    """The agent's jobs, newest first (an agent has a handful: its provision, retries, deprovision)."""
+
+    model = ProvisioningJob
+    extra = 0
+    can_delete = False
+    show_change_link = False
+    ordering = ["-created_at"]
+    fields = [
+        "job",
+        "kind",
+        "status_badge",
+        "attempt",
+        "retries",
+        "step",
+        "failed_step",
+        "workflow_run",
+        "created_at",
+        "completed_at",
+    ]
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="job")
+    def job(self, job: ProvisioningJob) -> SafeString:
+        return _job_link(job.pk)
+
+    @admin.display(description="status")
+    def status_badge(self, job: ProvisioningJob) -> SafeString | str:
+        return _status_badge(job.status)
+
+    @admin.display(description="retries")
+    def retries(self, job: ProvisioningJob) -> str:
+        return f"{job.retry_count} of {job.max_retries}"
+
+    @admin.display(description="workflow run")
+    def workflow_run(self, job: ProvisioningJob) -> SafeString | str:
+        return run_link(job.workflow_run_id)
+
+
+class EndedFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "ended"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("no", "Active"), ("yes", "Ended")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
+        if self.value() in ("yes", "no"):
+            return queryset.filter(ended_at__isnull=self.value() == "no")
+        return None
+
+
+@admin.register(Agent)
+class AgentAdmin(ReadOnlyAdmin):
+    paginator = EstimatedCountPaginator
+    list_display = [
+        "name",
+        "owner_email",
+        "region",
+        "state",
+        "latest_job",
+        "ipv4",
+        "age",
+    ]
+    list_select_related = ["owner"]
+    sortable_by = ["age"]
+    ordering = ["-created_at"]
+    list_filter = [EndedFilter, "region"]
+    search_fields = ["id"]
+    search_help_text = (
+        "Agent id (full or first 8), Checkout session (cs_…), agent name or customer email."
+    )
+    inlines = [AgentJobInline]
+    fieldsets = [
+        (None, {"fields": ["id", "name", "owner_email", "region", "state", "created_at"]}),
+        ("Server", {"fields": ["server_name", "server_id", "ipv4"]}),
+        (
+            "Billing",
+            {
+                "fields": [
+                    "stripe_checkout_session_id",
+                    "stripe_customer_id",
+                    "stripe_subscription_id",
+                ]
+            },
+        ),
+        ("End", {"fields": ["ended_at", "end_reason"]}),
+    ]
+    readonly_fields = [field for _name, options in fieldsets for field in options["fields"]]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        # The latest job's status per row in the same query (index job_agent_latest).
+        latest = ProvisioningJob.objects.filter(agent=OuterRef("pk")).order_by("-created_at")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(latest_job_status=Subquery(latest.values("status")[:1]))
+        )
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        return search.apply(queryset, search_term, search.agent_term), False
+
+    @admin.display(description="customer")
+    def owner_email(self, agent: Agent) -> str:
+        return agent.owner.email or agent.owner.get_username()
+
+    @admin.display(description="state")
+    def state(self, agent: Agent) -> SafeString:
+        if agent.is_ended:
+            return format_html(
+                '<span class="job-badge job-ended" title="{}">ended {} ago</span>',
+                agent.end_reason or "no reason recorded",
+                ago(agent.ended_at),
+            )
+        return format_html('<span class="job-badge job-active">active</span>')
+
+    @admin.display(description="latest job")
+    def latest_job(self, agent: Agent) -> SafeString | str:
+        return _status_badge(getattr(agent, "latest_job_status", None))
+
+    @admin.display(description="age", ordering="created_at")
+    def age(self, agent: Agent) -> str:
+        return ago(agent.created_at)
+
+
+@admin.register(JobEvent)
+class JobEventAdmin(ReadOnlyAdmin):
+    paginator = EstimatedCountPaginator
+    list_display = [
+        "created_at",
+        "job_link",
+        "actor",
+        "action",
+        "transition",
+        "attempt",
+        "step",
+        "run",
+        "short_reason",
+    ]
+    list_display_links = ["created_at"]
+    # Newest first by the primary key: always indexed, and it follows insertion order.
+    ordering = ["-id"]
+    sortable_by: list[str] = []
+    list_filter = ["action", "to_status"]
+    search_fields = ["job__id"]
+    search_help_text = "Job id (full or first 8), or an exact actor such as operator:alice."
+    fields = [
+        "created_at",
+        "job_link",
+        "actor",
+        "action",
+        "transition",
+        "attempt",
+        "step",
+        "run",
+        "reason_in_full",
+    ]
+    readonly_fields = fields
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        return search.apply(queryset, search_term, search.event_term), False
+
+    @admin.display(description="job")
+    def job_link(self, event: JobEvent) -> SafeString:
+        return _job_link(event.job_id)
+
+    @admin.display(description="from → to")
+    def transition(self, event: JobEvent) -> str:
+        if not event.from_status and not event.to_status:
+            return "—"
+        return f"{event.from_status or '∅'} → {event.to_status or event.from_status}"
+
+    @admin.display(description="run")
+    def run(self, event: JobEvent) -> SafeString | str:
+        return run_link(event.workflow_run_id)
+
+    @admin.display(description="why")
+    def short_reason(self, event: JobEvent) -> str:
+        return event.reason if len(event.reason) <= 100 else event.reason[:99] + "…"
+
+    @admin.display(description="why")
+    def reason_in_full(self, event: JobEvent) -> SafeString | str:
+        return format_html('<pre class="job-error">{}</pre>', event.reason) if event.reason else "—"
