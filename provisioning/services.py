@@ -34,6 +34,7 @@ from provisioning.errors import (
     FencedOut,
     InvalidTransition,
     JobNotFound,
+    ProvisioningError,
     ProvisionInProgress,
     TokenReplayed,
     UserBusy,
@@ -763,8 +764,11 @@ def job_retry(*, job_id: UUID | str, actor: str, reason: str = "") -> Provisioni
         raise JobNotFound(job_id)
     if not job.can_become(JobStatus.QUEUED) or job.status != JobStatus.FAILED:
         raise InvalidTransition(job_id=job.pk, current=job.status, wanted=JobStatus.QUEUED)
-    if Agent.objects.filter(pk=job.agent_id, ended_at__isnull=False).exists():
-        raise AgentEnded()
+    if (
+        job.kind == JobKind.PROVISION
+        and Agent.objects.filter(pk=job.agent_id, ended_at__isnull=False).exists()
+    ):
+        raise AgentEnded()  # an ended agent is never built again (its deprovision may be retried)
     old_attempt = job.attempt
     job.status = JobStatus.QUEUED
     job.attempt += 1
@@ -855,4 +859,62 @@ def job_force_timeout(*, job_id: UUID | str, actor: str, reason: str = "") -> Pr
             run_id=run_id,
         )
         _cancel_run_later(run_id)
+    return job
+
+
+# ---------------------------------------------------------------------------------------------
+# the end of an agent's life
+
+
+def agent_end(
+    *,
+    agent_id: UUID | str,
+    actor: str,
+    reason: str,
+    stripe_event_id: str | None = None,
+) -> ProvisioningJob:
+    """End an agent: cancel any build in flight, mark it ended, queue a deprovision job.
+
+    Deprovisioning is a job kind in the same queue (same dispatch, fencing and audit): the run
+    deletes every VM labelled with the agent and reports back; `complete` clears the server.
+    Idempotent: a redelivered or second ending event returns the agent's deprovision job; two at
+    once serialise on the agent's row lock.
+    """
+    with transaction.atomic():
+        agent = Agent.objects.select_for_update().filter(pk=agent_id).first()
+        if agent is None:
+            raise ProvisioningError(f"No agent {agent_id}.")
+        if stripe_event_id:
+            same_event = selectors.job_get_by_stripe_event_id(stripe_event_id=stripe_event_id)
+            if same_event is not None:
+                return same_event
+        existing = (
+            ProvisioningJob.objects.filter(agent=agent, kind=JobKind.DEPROVISION)
+            .order_by("-created_at")
+            .first()
+        )
+        if agent.is_ended and existing is not None:
+            return existing
+        for active in ProvisioningJob.objects.filter(
+            agent=agent, kind=JobKind.PROVISION, status__in=ACTIVE_STATUSES
+        ).values_list("pk", flat=True):
+            job_cancel(job_id=active, actor=actor, reason=f"Agent ended: {reason}")
+        now = timezone.now()
+        agent.ended_at, agent.end_reason, agent.updated_at = now, reason[:255], now
+        agent.save(update_fields=["ended_at", "end_reason", "updated_at"])
+        job = ProvisioningJob.objects.create(
+            agent=agent,
+            user_id=agent.owner_id,
+            region=agent.region,
+            stripe_event_id=stripe_event_id or None,
+            kind=JobKind.DEPROVISION,
+        )
+        _event(
+            job,
+            actor=actor,
+            action=JobEvent.Action.ENQUEUE,
+            to_status=JobStatus.QUEUED,
+            reason=f"Deprovision: {reason}",
+        )
+    _dispatch_soon()
     return job

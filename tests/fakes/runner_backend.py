@@ -49,5 +49,10 @@ class RecordingBackend:
     def run_url(self, *, run_id: str) -> str | None:
         return None
 
-    def runs_for(self, job_id: UUID | str, mode: str = "provision") -> list[str | None]:
-        return [rid for jid, _a, m, rid in self.dispatched if jid == str(job_id) and m == mode]
+    def runs_for(self, job_id: UUID | str, mode: str | None = None) -> list[str | None]:
+        """Run ids dispatched for a job, oldest first (of one mode, if given)."""
+        return [
+            rid
+            for jid, _a, m, rid in self.dispatched
+            if jid == str(job_id) and (mode is None or m == mode)
+        ]

@@ -611,3 +611,58 @@ def test_queue_position_counts_older_queued_jobs(backend):
 
     assert selectors.job_queue_position(job=first) == 1
     assert selectors.job_queue_position(job=second) == 2
+
+
+# --- ending an agent (deprovision) ---------------------------------------------------------------
+
+
+def test_ending_a_running_agent_queues_one_deprovision_job(backend):
+    job, run = claimed(backend)
+    services.job_complete(job_id=job.pk, run=run, server_id="7", ipv4="10.0.0.7")
+
+    first = services.agent_end(
+        agent_id=job.agent_id, actor="stripe", reason="subscription ended", stripe_event_id="evt_e"
+    )
+    again = services.agent_end(
+        agent_id=job.agent_id, actor="stripe", reason="subscription ended", stripe_event_id="evt_e"
+    )
+    other = services.agent_end(
+        agent_id=job.agent_id, actor="stripe", reason="refund", stripe_event_id="evt_r"
+    )
+
+    assert first.pk == again.pk == other.pk
+    assert (first.kind, first.status) == ("deprovision", "queued")
+    job.agent.refresh_from_db()
+    assert job.agent.is_ended and job.agent.end_reason == "subscription ended"
+    assert ProvisioningJob.objects.filter(agent=job.agent, kind="deprovision").count() == 1
+
+
+def test_ending_an_agent_still_provisioning_cancels_the_build_first(backend):
+    job, _run = claimed(backend)
+
+    deprovision = services.agent_end(agent_id=job.agent_id, actor="operator:ann", reason="abuse")
+
+    job.refresh_from_db()
+    assert (job.status, job.failed_step) == ("failed", "cancelled")
+    assert deprovision.status == "queued"
+    assert list(
+        JobEvent.objects.filter(job__agent=job.agent)
+        .order_by("id")
+        .values_list("action", flat=True)
+    )[-2:] == ["cancel", "enqueue"]
+
+
+def test_a_deprovision_completes_by_clearing_the_server(backend):
+    job, run = claimed(backend)
+    services.job_complete(job_id=job.pk, run=run, server_id="7", ipv4="10.0.0.7")
+    deprovision = services.agent_end(agent_id=job.agent_id, actor="stripe", reason="refund")
+    drun = dispatch(deprovision, backend)
+    assert backend.dispatched[-1][2] == "deprovision"
+    services.job_claim(job_id=deprovision.pk, attempt=1, run=drun)
+
+    services.job_complete(job_id=deprovision.pk, run=drun, server_id="", ipv4="")
+
+    job.agent.refresh_from_db()
+    assert (job.agent.server_id, job.agent.ipv4) == ("", None)
+    with pytest.raises(Exception, match="ended"):
+        services.job_reprovision(agent=job.agent)
