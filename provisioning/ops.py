@@ -163,7 +163,7 @@ class JobCollector(Collector):
         )
         succeeded = finished.filter(
             status=JobStatus.RUNNING, kind=JobKind.PROVISION, claimed_at__isnull=False
-        ).alias(duration=duration)
+        ).annotate(duration=duration)
         aggregates: dict[str, Any] = {
             f"le_{b}": Count("pk", filter=Q(duration__lte=timedelta(seconds=b)))
             for b in DURATION_BUCKETS

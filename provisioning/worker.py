@@ -38,6 +38,15 @@ logger = logging.getLogger(__name__)
 BEAT_RETENTION = timedelta(days=7)
 
 
+def _refresh_connections() -> None:
+    """What Django does around each request: drop connections past CONN_MAX_AGE or broken.
+
+    Skipped inside a transaction (a caller's atomic block, e.g. a test): closing would end it.
+    """
+    if not connection.in_atomic_block:
+        close_old_connections()
+
+
 def default_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"[:200]
 
@@ -79,8 +88,7 @@ class Worker:
 
     def tick(self) -> TickReport:
         report = TickReport()
-        # Like a request: drop a connection past CONN_MAX_AGE or broken by the last tick.
-        close_old_connections()
+        _refresh_connections()
         for name, duty in self.duties():
             try:
                 report.done[name] = duty()
@@ -88,7 +96,7 @@ class Worker:
                 logger.exception("worker %s: duty %s failed", self.name, name)
                 report.failed[name] = f"{type(exc).__name__}: {exc}"
                 # A broken connection must not poison the next duty.
-                connection.close_if_unusable_or_obsolete()
+                _refresh_connections()
         self.ticks += 1
         if any(report.done.get(k) for k in ("timeout", "dispatch", "cleanup")):
             logger.info("worker %s tick %d: %s", self.name, self.ticks, report.done)
@@ -127,7 +135,7 @@ class Worker:
                 if once or self.stop_event.wait(interval):
                     break
         finally:
-            close_old_connections()
-            connection.close()
+            if not connection.in_atomic_block:
+                connection.close()
         logger.info("worker %s stopped after %d ticks", self.name, self.ticks)
         return self.ticks

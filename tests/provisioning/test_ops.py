@@ -1,0 +1,154 @@
+"""/healthz and /metrics: computed from the database at request time."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import DatabaseError
+from django.db.models import F
+from django.test import Client
+from django.utils import timezone
+from prometheus_client.parser import text_string_to_metric_families
+
+from provisioning import services
+from provisioning.models import JobKind, ProvisioningJob, Step, WorkerBeat
+from provisioning.worker import Worker
+from tests.factories import AgentFactory, UserFactory
+from tests.provisioning.helpers import claimed, enqueue
+
+pytestmark = pytest.mark.django_db
+
+
+def samples(client: Client, **headers: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics", **headers)
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/plain")
+    found = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+# --- /healthz ------------------------------------------------------------------------------------
+
+
+def test_healthz_says_when_no_worker_ever_ran(client):
+    response = client.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.json()["database"] == "ok"
+    assert response.json()["worker"] == "absent"
+    assert response.json()["last_tick_age_seconds"] is None
+
+
+def test_healthz_is_ok_after_a_worker_ticked(client, backend):
+    Worker(name="w", backend=backend).tick()
+
+    body = client.get("/healthz").json()
+
+    assert body["worker"] == "ok"
+    assert 0 <= body["last_tick_age_seconds"] < 5
+
+
+def test_healthz_reports_a_stale_worker_but_stays_200(client, settings):
+    settings.WORKER_INTERVAL_SECONDS = 5
+    old = timezone.now() - timedelta(seconds=61)
+    WorkerBeat.objects.create(name="w", last_tick_at=old, started_at=old)
+
+    response = client.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.json()["worker"] == "stale"
+    assert response.json()["last_tick_age_seconds"] >= 61
+
+
+def test_healthz_is_503_when_the_database_is_unreachable(client, monkeypatch):
+    from django.db.backends.utils import CursorWrapper
+
+    def refuse(*args, **kwargs):
+        raise DatabaseError("connection refused")
+
+    monkeypatch.setattr(CursorWrapper, "execute", refuse)
+
+    response = client.get("/healthz")
+
+    assert response.status_code == 503
+    assert response.json()["database"] == "unreachable"
+
+
+# --- /metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_count_jobs_by_status_and_kind_and_report_ages(client, backend, settings):
+    job, _ = claimed(backend)
+    ProvisioningJob.objects.filter(pk=job.pk).update(
+        last_heartbeat_at=timezone.now() - timedelta(seconds=settings.JOB_TIMEOUT_SECONDS + 30)
+    )
+    queued = enqueue(AgentFactory())
+    ProvisioningJob.objects.filter(pk=queued.pk).update(
+        created_at=timezone.now() - timedelta(seconds=120)
+    )
+    enqueue(AgentFactory(), kind=JobKind.DEPROVISION)
+
+    m = samples(client)
+
+    assert m[("provisioning_jobs", (("kind", "provision"), ("status", "queued")))] == 1
+    assert m[("provisioning_jobs", (("kind", "deprovision"), ("status", "queued")))] == 1
+    assert m[("provisioning_jobs", (("kind", "provision"), ("status", "provisioning")))] == 1
+    assert m[("provisioning_jobs", (("kind", "provision"), ("status", "failed")))] == 0
+    assert m[("provisioning_oldest_queued_job_age_seconds", ())] >= 120
+    assert m[("provisioning_oldest_heartbeat_age_seconds", ())] >= settings.JOB_TIMEOUT_SECONDS
+    assert m[("provisioning_stale_jobs", ())] == 1
+
+
+def test_metrics_report_outcomes_and_the_provisioning_duration(client, backend):
+    user = UserFactory()
+    ok, ok_run = claimed(backend, AgentFactory(owner=user))
+    services.job_complete(job_id=ok.pk, run=ok_run, server_id="1", ipv4="203.0.113.1")
+    ProvisioningJob.objects.filter(pk=ok.pk).update(
+        claimed_at=F("completed_at") - timedelta(seconds=400)
+    )
+    bad, bad_run = claimed(backend, AgentFactory(owner=user))
+    ProvisioningJob.objects.filter(pk=bad.pk).update(max_retries=0)
+    services.job_fail(job_id=bad.pk, run=bad_run, error="boom", failed_step=Step.CONFIGURE)
+
+    m = samples(client)
+
+    assert m[("provisioning_jobs_finished_24h", (("outcome", "running"),))] == 1
+    assert m[("provisioning_jobs_finished_24h", (("outcome", "failed"),))] == 1
+    assert m[("provisioning_job_duration_seconds_count", ())] == 1
+    assert m[("provisioning_job_duration_seconds_sum", ())] == pytest.approx(400)
+    assert m[("provisioning_job_duration_seconds_bucket", (("le", "300.0"),))] == 0
+    assert m[("provisioning_job_duration_seconds_bucket", (("le", "600.0"),))] == 1
+    assert m[("provisioning_job_duration_seconds_bucket", (("le", "+Inf"),))] == 1
+
+
+def test_metrics_report_the_workers_last_tick(client, backend):
+    empty = samples(client)
+    Worker(name="w", backend=backend).tick()
+    after = samples(client)
+
+    assert empty[("provisioning_worker_last_tick_age_seconds", ())] == float("inf")
+    assert empty[("provisioning_workers_alive", ())] == 0
+    assert after[("provisioning_worker_last_tick_age_seconds", ())] < 5
+    assert after[("provisioning_workers_alive", ())] == 1
+
+
+def test_metrics_need_the_token_when_one_is_set(client, settings):
+    settings.METRICS_TOKEN = "scrape-secret"
+
+    anonymous = client.get("/metrics")
+    wrong = client.get("/metrics", HTTP_AUTHORIZATION="Bearer nope")
+    right = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-secret")
+
+    assert anonymous.status_code == 401
+    assert anonymous["WWW-Authenticate"] == "Bearer"
+    assert wrong.status_code == 401
+    assert right.status_code == 200
+
+
+def test_ops_endpoints_answer_get_only(client):
+    assert client.post("/healthz").status_code == 405
+    assert client.post("/metrics").status_code == 405
