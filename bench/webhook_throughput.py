@@ -69,7 +69,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(url: str, timeout: float = 30.0) -> None:
+def _wait(url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
