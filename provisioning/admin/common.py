@@ -11,13 +11,14 @@ from functools import cached_property
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin import helpers
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
-from django.utils.safestring import SafeString
+from django.utils.safestring import SafeString, mark_safe
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,22 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    @admin.display(
+        description=mark_safe(
+            '<input type="checkbox" id="action-toggle" aria-label="Select all objects on this page for an action">'
+        )
+    )
+    def action_checkbox(self, obj: Any) -> SafeString:
+        # Django renders this through the form-widget template engine, a third of a page's
+        # render time at 50 rows; the same markup, written directly.
+        return format_html(
+            '<input type="checkbox" name="{}" value="{}" class="action-select" '
+            'aria-label="Select this object for an action - {}">',
+            helpers.ACTION_CHECKBOX_NAME,
+            str(obj.pk),
+            str(obj),
+        )
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
