@@ -360,9 +360,15 @@ class FakeHetzner:
             return copy.deepcopy(self._state.requests)
 
     def add_server(
-        self, *, name: str, labels: dict[str, str] | None = None, location: str = "ash"
+        self,
+        *,
+        name: str,
+        labels: dict[str, str] | None = None,
+        location: str = "ash",
+        created: dt.datetime | None = None,
     ) -> dict[str, Any]:
-        """Make a running server directly, as if someone had created it earlier."""
+        """Make a running server directly, as if someone had created it earlier (`created`:
+        when, default now; the reaper's grace period reads it)."""
         with self._lock:
             server = self._new_server(
                 name=name,
@@ -372,6 +378,8 @@ class FakeHetzner:
                 labels=labels or {},
                 ssh_keys=[],
             )
+            if created is not None:
+                server["created"] = _iso(created.astimezone(dt.UTC))
             return self._server_json(server)
 
     def fail_next(

@@ -1,7 +1,8 @@
-"""The service's workflow callback API, called with a fresh GitHub OIDC token every time.
+"""The service's workflow API, called with a fresh GitHub OIDC token every time.
 
-`claim`, `heartbeat`, `complete` and `fail` are `POST {base}/api/v1/jobs/{id}/<verb>`; errors
-come back as `{"detail", "code"}`. A token is single-use on the server (its `jti`), so nothing
+`claim`, `heartbeat`, `complete` and `fail` are `POST {base}/api/v1/jobs/{id}/<verb>`; the
+scheduled reaper asks `POST {base}/api/v1/reaper/verdicts`. Errors come back as
+`{"detail", "code"}`. A token is single-use on the server (its `jti`), so nothing
 here caches one: every request — including each retry — mints its own.
 """
 
@@ -63,13 +64,12 @@ class TokenSource:
         return value
 
 
-class CallbackApi:
-    """One job's callbacks. Not shared between threads: make one per thread."""
+class _ServiceClient:
+    """Posts JSON to our service with a fresh OIDC token per request. One per thread."""
 
     def __init__(
         self,
         settings: Settings,
-        job_id: str,
         *,
         log: Callable[[str], None] = lambda _msg: None,
         sleep: Callable[[float], None] = time.sleep,
@@ -78,18 +78,17 @@ class CallbackApi:
         self._settings = settings
         self._http = httpx.Client(timeout=settings.http_timeout_seconds)
         self._tokens = TokenSource(settings, self._http)
-        self._base = f"{settings.api_url}/api/v1/jobs/{job_id}"
         self._log = log
         self._sleep = sleep
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post_url(self, url: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         token = self._tokens.mint()
         try:
             response = self._http.post(
-                f"{self._base}/{verb}",
+                url,
                 json=body,
                 headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
             )
@@ -112,12 +111,14 @@ class CallbackApi:
             )
         return payload if isinstance(payload, dict) else {}
 
-    def _post_with_retries(self, verb: str, body: dict[str, Any], tries: int) -> dict[str, Any]:
+    def _retrying(
+        self, call: Callable[[], dict[str, Any]], verb: str, tries: int
+    ) -> dict[str, Any]:
         """Retry only when no answer arrived; each try mints a fresh token."""
         delay = self._settings.retry_backoff_seconds
         for attempt in range(1, tries + 1):
             try:
-                return self._post(verb, body)
+                return call()
             except ApiUnavailable as exc:
                 if attempt == tries:
                     raise
@@ -125,6 +126,27 @@ class CallbackApi:
                 self._sleep(delay)
                 delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+
+class CallbackApi(_ServiceClient):
+    """One job's callbacks. Not shared between threads: make one per thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        job_id: str,
+        *,
+        log: Callable[[str], None] = lambda _msg: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(settings, log=log, sleep=sleep)
+        self._base = f"{settings.api_url}/api/v1/jobs/{job_id}"
+
+    def _post(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._post_url(f"{self._base}/{verb}", verb, body)
+
+    def _post_with_retries(self, verb: str, body: dict[str, Any], tries: int) -> dict[str, Any]:
+        return self._retrying(lambda: self._post(verb, body), verb, tries)
 
     def claim(self, attempt: int) -> dict[str, Any]:
         """Claim the job; waits out `dispatch_pending` (the server has not stored our run yet)."""
@@ -161,3 +183,15 @@ class CallbackApi:
     def fail(self, *, error: str, failed_step: str) -> dict[str, Any]:
         body = {"error": error[-4000:], "failed_step": failed_step}
         return self._post_with_retries("fail", body, tries=4)
+
+
+class ReaperApi(_ServiceClient):
+    """`POST {base}/api/v1/reaper/verdicts`: which of our VMs may go. Read-only on the server."""
+
+    def verdicts(self, servers: list[dict[str, str]]) -> dict[str, Any]:
+        url = f"{self._settings.api_url}/api/v1/reaper/verdicts"
+        return self._retrying(
+            lambda: self._post_url(url, "reaper verdicts", {"servers": servers}),
+            "reaper verdicts",
+            tries=4,
+        )

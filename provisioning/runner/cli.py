@@ -6,9 +6,10 @@
         the workflow's first step; writes the state file the later steps read
     heartbeat-loop          background process: heartbeats until done or fenced out
     create-server | wait-ssh | configure | health-check | complete
-    delete-servers          deprovision: delete every VM labelled with the job
+    delete-servers          deprovision: delete every VM labelled with the claimed agent
     fail                    `if: failure() || cancelled()`: report and delete this attempt's VM
     cleanup --job-id <uuid> delete every VM labelled with the job; no callbacks
+    reap                    the scheduled reaper: list our VMs, ask the service, delete its picks
 
 Exit codes: 0 done, 1 failed (reported), 2 bad configuration, 3 claim refused,
 4 fenced out by the service, 137 RUNNER_KILL_AT_STEP.
@@ -24,7 +25,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 
-from . import pipeline
+from . import pipeline, reap
 from .config import MODES, ConfigError, Settings
 from .pipeline import (
     EXIT_CONFIG,
@@ -45,7 +46,7 @@ STEP_COMMANDS = {
     "configure": "configure",
     "health-check": "health_check",
     "complete": "complete",
-    "delete-servers": "delete_job_servers",
+    "delete-servers": "delete_agent_servers",
 }
 
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--job-id", type=_job_id, required=True)
     cleanup.add_argument("--attempt", type=_attempt, default=1)
 
+    commands.add_parser("reap", help="delete the managed VMs the service says may go")
     commands.add_parser("heartbeat-loop", help="send heartbeats until done or fenced out")
     for name in STEP_COMMANDS:
         commands.add_parser(name, help=f"the {name} step (reads the state file)")
@@ -114,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command
+    if command == "reap":
+        settings.require("hcloud_token")
+        return reap.run_reap(settings)
     if command in ("run", "claim", "cleanup"):
         pipeline.preflight(settings, "cleanup" if command == "cleanup" else args.mode)
     if command == "run":

@@ -88,6 +88,8 @@ class Settings:
     step_seconds: float
     fail_step: str | None
     kill_at_step: str | None
+    # the reaper: more deletions than this in one answer and it deletes nothing (a safety stop)
+    reap_max_deletes: int
     # where the per-step commands share what they learned
     state_file: Path
 
@@ -98,6 +100,10 @@ class Settings:
             health_port = int(env.get("RUNNER_HEALTH_PORT", "") or 8080)
         except ValueError as exc:
             raise ConfigError("RUNNER_HEALTH_PORT must be an integer") from exc
+        try:
+            reap_max_deletes = int(env.get("RUNNER_REAP_MAX_DELETES", "") or 25)
+        except ValueError as exc:
+            raise ConfigError("RUNNER_REAP_MAX_DELETES must be an integer") from exc
         return cls(
             api_url=env.get("PROVISIONING_API_URL", "").rstrip("/"),
             oidc_audience=env.get("PROVISIONING_OIDC_AUDIENCE", ""),
@@ -123,6 +129,7 @@ class Settings:
             step_seconds=_float(env, "RUNNER_STEP_SECONDS", 2.0),
             fail_step=_step(env, "RUNNER_FAIL_STEP"),
             kill_at_step=_step(env, "RUNNER_KILL_AT_STEP"),
+            reap_max_deletes=reap_max_deletes,
             state_file=Path(env["RUNNER_STATE_FILE"])
             if env.get("RUNNER_STATE_FILE")
             else _default_state_file(env),

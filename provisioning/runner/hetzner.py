@@ -1,15 +1,18 @@
-"""Hetzner Cloud: find, create, adopt and delete one job's VMs with `hcloud`.
+"""Hetzner Cloud: find, create, adopt and delete our VMs with `hcloud`.
 
-Every VM the runner makes is named `agent-<job id>` and labelled `managed-by`, `job-id` and
-`attempt`, so a later attempt (or the cleanup run) finds it by label, and a second create of the
-same name fails with `uniqueness_error` instead of making a twin.
+Every VM the runner makes is named `agent-<job id>` and labelled `managed-by`, `job-id`,
+`attempt` and `agent-id`, so a later attempt (or the cleanup run) finds it by its job, the
+deprovision run finds every VM of an agent (whichever job or attempt made it), the reaper finds
+all of ours, and a second create of the same name fails with `uniqueness_error` instead of
+making a twin.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hcloud import APIException, Client
 from hcloud.images import Image
@@ -19,6 +22,9 @@ from hcloud.servers import BoundServer
 from hcloud.ssh_keys import SSHKey
 
 from .config import MANAGED_BY, REGION_LOCATIONS, ConfigError, Settings
+
+# Hetzner label values: up to 63 chars of [A-Za-z0-9-_.], starting and ending alphanumeric.
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 # Codes Hetzner uses when a location cannot take this server type right now.
 _TRY_NEXT_LOCATION = {"resource_unavailable", "placement_error", "server_type_unavailable"}
@@ -36,6 +42,7 @@ class Vm:
     location: str
     labels: dict[str, str]
     status: str
+    created: str = field(default="", compare=False)  # ISO 8601, as Hetzner reports it
 
     @classmethod
     def from_bound(cls, server: BoundServer) -> Vm:
@@ -49,6 +56,7 @@ class Vm:
             location=server.location.name if server.location is not None else "",
             labels=dict(server.labels or {}),
             status=server.status or "",
+            created=server.created.isoformat() if server.created is not None else "",
         )
 
 
@@ -58,6 +66,18 @@ def server_name(job_id: str) -> str:
 
 def job_selector(job_id: str) -> str:
     return f"managed-by={MANAGED_BY},job-id={job_id}"
+
+
+def agent_selector(agent_id: str) -> str:
+    return f"managed-by={MANAGED_BY},agent-id={agent_id}"
+
+
+def managed_selector() -> str:
+    return f"managed-by={MANAGED_BY}"
+
+
+def valid_label_value(value: str) -> bool:
+    return bool(_LABEL_VALUE.match(value))
 
 
 class Cloud:
@@ -74,11 +94,22 @@ class Cloud:
         self._settings = settings
 
     # -- reads ----------------------------------------------------------------------------
-    def find_job_servers(self, job_id: str) -> list[Vm]:
+    def find(self, label_selector: str) -> list[Vm]:
+        """Every server matching the selector (all pages)."""
         return [
-            Vm.from_bound(s)
-            for s in self._client.servers.get_all(label_selector=job_selector(job_id))
+            Vm.from_bound(s) for s in self._client.servers.get_all(label_selector=label_selector)
         ]
+
+    def find_job_servers(self, job_id: str) -> list[Vm]:
+        return self.find(job_selector(job_id))
+
+    def find_agent_servers(self, agent_id: str) -> list[Vm]:
+        if not valid_label_value(agent_id):
+            raise ConfigError(f"agent id {agent_id!r} cannot be a Hetzner label value")
+        return self.find(agent_selector(agent_id))
+
+    def find_managed_servers(self) -> list[Vm]:
+        return self.find(managed_selector())
 
     def get(self, server_id: str) -> Vm | None:
         try:
@@ -90,7 +121,13 @@ class Cloud:
 
     # -- create or adopt ------------------------------------------------------------------
     def find_or_create(
-        self, *, job_id: str, attempt: int, region: str, on_created: Callable[[Vm], None]
+        self,
+        *,
+        job_id: str,
+        attempt: int,
+        region: str,
+        agent_id: str,
+        on_created: Callable[[Vm], None],
     ) -> tuple[Vm, bool]:
         """The job's VM and whether this attempt created it.
 
@@ -112,7 +149,15 @@ class Cloud:
                 raise ConfigError("missing required environment: RUNNER_SSH_KEY_NAME")
             key_name = "agent-provisioning-local"
 
-        labels = {"managed-by": MANAGED_BY, "job-id": job_id, "attempt": str(attempt)}
+        if not valid_label_value(agent_id):
+            # Without it the deprovision run could not find this VM by its agent.
+            raise ConfigError(f"agent id {agent_id!r} cannot be a Hetzner label value")
+        labels = {
+            "managed-by": MANAGED_BY,
+            "job-id": job_id,
+            "attempt": str(attempt),
+            "agent-id": agent_id,
+        }
         refusals: list[str] = []
         for location in locations:
             try:

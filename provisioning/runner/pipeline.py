@@ -10,6 +10,14 @@ Safety rules, in one place:
 - any other failure: report `fail` with the step and the log's tail, then delete only a VM this
   attempt created;
 - once `complete` has been sent, never delete the VM.
+
+Deprovision (`mode: deprovision`, a deprovision job's own id): claim → delete every VM labelled
+with the agent the claim names (`agent-id`, whichever job or attempt made it) → complete with
+empty `server_id` and `ipv4`. DESIGN's steps are about building a VM, so none names "deleting";
+the deletion is reported as step `claim` (the most honest of them: the run has picked the job
+up and is working on it; `create-server` would tell the customer their server is being created)
+with `progress` rising from 10 to 90 as VMs go, and `complete` only at the end. A VM the run
+cannot delete fails the job (step `claim`) with the error, so it is retried like any failure.
 """
 
 from __future__ import annotations
@@ -217,6 +225,7 @@ class Runner:
             job_id=self.state.job_id,
             attempt=self.state.attempt,
             region=self.state.region or "us-east",
+            agent_id=str((self.state.agent or {}).get("id") or ""),
             on_created=record,
         )
         if not ours:
@@ -337,14 +346,43 @@ class Runner:
         self.log("reported complete")
 
     def delete_job_servers(self) -> list[Vm]:
-        """Deprovision/cleanup: remove every VM labelled with this job id."""
-        self.checkpoint()
+        """Cleanup: remove every VM labelled with this job id (no callbacks)."""
         deleted = self.cloud.delete_job_servers(self.state.job_id)
         for vm in deleted:
             self.log(f"deleted server {vm.name} ({vm.id}) in {vm.location}")
         if not deleted:
             self.log("no servers labelled with this job")
-        self.state.set_progress(50)
+        return deleted
+
+    def delete_agent_servers(self) -> list[Vm]:
+        """Deprovision: remove every VM labelled with the claimed agent, reporting progress.
+
+        The step stays `claim` (see the module's docstring); each deletion moves `progress` and
+        is sent at once, so operators watch it happen. Fenced out: stop before the next delete.
+        """
+        agent_id = str((self.state.agent or {}).get("id") or "")
+        if not agent_id:
+            raise StepFailed("the claim named no agent: cannot tell which servers to delete")
+        self.checkpoint()
+        self.state.set_progress(10)
+        self._beat_now()
+        servers = self.cloud.find_agent_servers(agent_id)
+        self.log(f"{len(servers)} server(s) labelled with agent {agent_id}")
+        deleted: list[Vm] = []
+        for index, vm in enumerate(servers, start=1):
+            self.checkpoint()
+            if self.cloud.delete(vm.id):
+                deleted.append(vm)
+                self.log(
+                    f"deleted server {vm.name} ({vm.id}) in {vm.location}, made by job "
+                    f"{vm.labels.get('job-id', '?')} attempt {vm.labels.get('attempt', '?')}"
+                )
+            else:
+                self.log(f"server {vm.name} ({vm.id}) was already gone")
+            self.state.set_progress(10 + 80 * index // len(servers))
+            self._beat_now()
+        if not servers:
+            self.state.set_progress(90)
         return deleted
 
     # -- failure --------------------------------------------------------------------------
@@ -507,9 +545,10 @@ def run_deprovision(settings: Settings, state: RunState) -> int:
             return EXIT_FAILED
         runner.start_heartbeat()
         try:
-            runner.delete_job_servers()
+            runner.delete_agent_servers()
             runner.complete()
         except Fenced as exc:
+            runner.stop_heartbeat()
             runner.log(f"fenced out, stopping: {exc}")
             return EXIT_FENCED
         except Exception as exc:

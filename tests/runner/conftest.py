@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,10 +41,13 @@ class FakeCallbackApi:
     """Our workflow callback API plus GitHub's ID-token endpoint, on one loopback port.
 
     `script[verb]` holds (status, body) answers to give before falling back to success;
-    `refuse_heartbeats_after` makes every heartbeat after the first n answer 409.
+    `refuse_heartbeats_after` makes every heartbeat after the first n answer 409. The reaper's
+    `POST /api/v1/reaper/verdicts` answers with `reaper_answer(servers)` (status, body).
     """
 
     region: str = "us-east"
+    agent_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    reaper_answer: Callable[[list[dict[str, Any]]], tuple[int, dict[str, Any]]] | None = None
     script: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     refuse_heartbeats_after: int | None = None
     calls: list[Call] = field(default_factory=list)
@@ -106,7 +109,7 @@ class FakeCallbackApi:
                 "id": job_id,
                 "status": "provisioning",
                 "attempt": body.get("attempt"),
-                "agent": {"id": "7", "name": "Ada's helper"},
+                "agent": {"id": self.agent_id, "name": "Ada's helper"},
                 "region": self.region,
             }
         if verb == "heartbeat":
@@ -116,6 +119,16 @@ class FakeCallbackApi:
         if verb == "fail":
             return 200, {"status": "queued", "retry_count": 1, "attempt": attempt + 1}
         return 404, {"detail": "no such call", "code": "not_found"}
+
+    def reap(self, body: dict, authorization: str) -> tuple[int, dict]:
+        token = authorization.removeprefix("Bearer ")
+        with self.lock:
+            if token not in self.minted:
+                return 401, {"detail": "unknown token", "code": "invalid_token"}
+            self.calls.append(Call("reaper", body, token))
+        if self.reaper_answer is None:
+            return 200, {"delete": [], "keep": [], "verdicts": []}
+        return self.reaper_answer(body.get("servers", []))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -142,6 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
         parts = urlsplit(self.path).path.strip("/").split("/")
+        if parts == ["api", "v1", "reaper", "verdicts"]:
+            self._reply(*fake.reap(body, self.headers.get("Authorization", "")))
+            return
         if len(parts) != 5 or parts[:3] != ["api", "v1", "jobs"]:
             self._reply(404, {"detail": "not found", "code": "not_found"})
             return

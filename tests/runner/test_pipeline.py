@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 from tests.runner.conftest import AUDIENCE, REPO_ROOT, REQUEST_TOKEN, run_runner
 
@@ -23,8 +24,11 @@ def provision(env, job_id, attempt=1, **extra_env):
     )
 
 
-def job_labels(job_id, attempt):
-    return {"managed-by": "agent-provisioning", "job-id": job_id, "attempt": str(attempt)}
+def job_labels(job_id, attempt, agent_id=None):
+    labels = {"managed-by": "agent-provisioning", "job-id": job_id, "attempt": str(attempt)}
+    if agent_id:
+        labels["agent-id"] = agent_id
+    return labels
 
 
 def test_happy_path_claims_beats_creates_in_ash_and_completes(
@@ -44,7 +48,7 @@ def test_happy_path_claims_beats_creates_in_ash_and_completes(
     assert all(0 <= c.body["progress"] <= 100 for c in callback_api.of("heartbeat"))
     [server] = fake_hetzner.servers
     assert server["name"] == f"agent-{job_id}"
-    assert server["labels"] == job_labels(job_id, 1)
+    assert server["labels"] == job_labels(job_id, 1, callback_api.agent_id)
     assert server["location"]["name"] == "ash"
     assert server["server_type"]["name"] == "cpx11"
     assert server["image"]["name"] == "ubuntu-24.04"
@@ -230,19 +234,108 @@ def test_cleanup_deletes_every_vm_of_the_job_and_nothing_else(
     assert callback_api.calls == []
 
 
-def test_deprovision_claims_deletes_and_completes_with_empty_ids(
-    runner_env, callback_api, fake_hetzner, job_id
-):
-    fake_hetzner.add_server(name=f"agent-{job_id}", labels=job_labels(job_id, 1))
-
-    result = run_runner(
-        runner_env, "run", "--mode", "deprovision", "--job-id", job_id, "--attempt", "3"
+def deprovision(env, job_id, attempt=1, **extra_env):
+    return run_runner(
+        {**env, **extra_env},
+        "run",
+        "--mode",
+        "deprovision",
+        "--job-id",
+        job_id,
+        "--attempt",
+        str(attempt),
     )
 
+
+def test_deprovision_deletes_every_vm_of_the_agent_and_completes_with_empty_ids(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    agent = callback_api.agent_id
+    first_job, second_job = str(uuid.uuid4()), str(uuid.uuid4())
+    # The agent's VMs: two attempts of its first job (a twin the runner lost) and a later job's.
+    ours = [
+        fake_hetzner.add_server(name=f"agent-{first_job}", labels=job_labels(first_job, 1, agent)),
+        fake_hetzner.add_server(name="twin", labels=job_labels(first_job, 2, agent)),
+        fake_hetzner.add_server(
+            name=f"agent-{second_job}", labels=job_labels(second_job, 1, agent)
+        ),
+    ]
+    other_agent = fake_hetzner.add_server(
+        name="agent-other", labels=job_labels(str(uuid.uuid4()), 1, str(uuid.uuid4()))
+    )
+    unmanaged = fake_hetzner.add_server(name="database", labels={"agent-id": agent})
+
+    result = deprovision(runner_env, job_id, attempt=2)
+
     assert result.returncode == 0, result.stderr
-    assert callback_api.verbs()[0] == "claim"
+    verbs = callback_api.verbs()
+    assert verbs[0] == "claim" and verbs[-1] == "complete"
+    assert "fail" not in verbs
+    assert callback_api.of("claim")[0].body == {"attempt": 2}
     assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": ""}
-    assert fake_hetzner.servers == []
+    assert sorted(s["id"] for s in fake_hetzner.deleted_servers) == sorted(s["id"] for s in ours)
+    assert sorted(s["id"] for s in fake_hetzner.servers) == sorted(
+        [other_agent["id"], unmanaged["id"]]
+    )
+    # Deletion is reported as step claim with rising progress; complete only at the end.
+    beats = [(c.body.get("step"), c.body.get("progress")) for c in callback_api.of("heartbeat")]
+    assert {step for step, _ in beats} == {"claim"}
+    progress = [p for _, p in beats if p is not None]
+    assert progress[0] == 10 and max(progress) == 90
+    assert not [r for r in fake_hetzner.requests if r["method"] == "POST"]
+
+
+def test_deprovision_with_nothing_to_delete_still_completes(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    result = deprovision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": ""}
+    assert fake_hetzner.deleted_servers == []
+
+
+def test_deprovision_reports_a_vm_it_cannot_delete_as_a_failure(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    agent = callback_api.agent_id
+    fake_hetzner.add_server(name="agent-x", labels=job_labels(str(uuid.uuid4()), 1, agent))
+    fake_hetzner.fail_next("DELETE", "/v1/servers/", status=423, code="locked", message="locked")
+
+    result = deprovision(runner_env, job_id)
+
+    assert result.returncode == 1
+    assert "complete" not in callback_api.verbs()
+    [fail] = callback_api.of("fail")
+    assert fail.body["failed_step"] == "claim"
+    assert "locked" in fail.body["error"]
+    assert len(fake_hetzner.servers) == 1
+
+
+def test_a_refused_deprovision_claim_deletes_nothing(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    fake_hetzner.add_server(
+        name="agent-x", labels=job_labels(str(uuid.uuid4()), 1, callback_api.agent_id)
+    )
+    callback_api.script["claim"] = [(409, {"detail": "not queued", "code": "invalid_transition"})]
+
+    result = deprovision(runner_env, job_id)
+
+    assert result.returncode == 3
+    assert fake_hetzner.requests == []
+
+
+def test_a_fenced_deprovision_stops_before_deleting(runner_env, callback_api, fake_hetzner, job_id):
+    agent = callback_api.agent_id
+    fake_hetzner.add_server(name="agent-x", labels=job_labels(str(uuid.uuid4()), 1, agent))
+    callback_api.refuse_heartbeats_after = 0
+
+    result = deprovision(runner_env, job_id)
+
+    assert result.returncode == 4
+    assert "complete" not in callback_api.verbs()
+    assert len(fake_hetzner.servers) == 1
 
 
 def test_the_kill_knob_exits_137_leaving_the_vm_and_saying_nothing(
