@@ -42,11 +42,17 @@ test: install lint
 	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
+## make bench: every path against its ceiling in one run (PostgreSQL at 127.0.0.1:5432); writes bench/RESULTS.md
+BENCH_DEPS := 'procrastinate>=3,<4' 'schemathesis>=4,<5'
 bench: install
-	$(PY) bench/run.py
+	$(PY) -m pip install -q $(BENCH_DEPS)
+	$(TEST_ENV) $(PY) bench/run.py $(BENCH_ARGS)
 
+## make reliability: storms, kills and restarts against the real stack (PostgreSQL; DATABASE_URL defaults to a local one)
 reliability: install
-	$(TEST_ENV) $(PY) -m pytest -p no:randomly bench/reliability $(PYTEST_ARGS)
+	$(PY) -m pip install -q $(BENCH_DEPS)
+	DATABASE_URL="$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/agent_provisioning_reliability}" \
+	  $(TEST_ENV) $(PY) -m pytest -p no:randomly -p no:cacheprovider --timeout 900 --durations=0 bench/reliability $(PYTEST_ARGS)
 
 clean:
 	rm -rf var/db.sqlite3* var/runner-logs

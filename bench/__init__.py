@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`) and the reliability suite (`make reliability`)."""

@@ -1,0 +1,1 @@
+"""The reliability suite (`make reliability`): storms, kills and restarts against the real stack."""

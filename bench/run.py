@@ -1,0 +1,260 @@
+"""`make bench`: every path against its ceiling, measured in one run on this machine, one table.
+
+    .venv/bin/python bench/run.py [--quick] [--no-write] [--no-profile]
+
+In-process rows come from bench/queue_core.py (databases bench_core and bench_procrastinate on
+PGHOST:PGPORT, dropped and recreated). The HTTP rows (heartbeat endpoint vs a bare view, webhook
+vs a bare view) come from the other benchmarks beside this file when they exist
+(bench/heartbeat_throughput.py, bench/webhook_throughput.py), run as subprocesses; until then
+they say "pending". The table, the machine and the profiles go to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import common  # noqa: E402
+from bench.common import Row  # noqa: E402
+
+HTTP_SCRIPTS = (
+    ("heartbeat endpoint vs bare view", "heartbeat_throughput.py"),
+    ("signed webhook vs bare view", "webhook_throughput.py"),
+    ("admin at scale", "admin_scale.py"),
+)
+NUMBER = r"([0-9][0-9,]*\.?[0-9]*)"
+
+
+def machine() -> dict[str, str]:
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import psycopg
+
+    with psycopg.connect(common.dsn("postgres")) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        pg = str(row[0]) if row else "?"
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "postgresql": pg,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def http_rows(log: object = print) -> tuple[list[Row], list[str]]:
+    """Run the other engineers' HTTP benchmarks if present; parse what they print.
+
+    Understood outputs: a JSON line (an object, or a list of objects) with `path`, `figure`,
+    `ceiling`, `ceiling_figure` (and optional `unit`), or a markdown table row whose cells are
+    path | figure | ceiling | ceiling figure | ratio. Anything else is quoted in the notes.
+    """
+    rows: list[Row] = []
+    notes: list[str] = []
+    for label, script in HTTP_SCRIPTS:
+        path = ROOT / "bench" / script
+        if not path.exists():
+            if script != "admin_scale.py":
+                rows.append(
+                    Row(
+                        label,
+                        None,
+                        "req/s",
+                        "bare view (same machine)",
+                        None,
+                        ratio_override="pending",
+                    )
+                )
+                notes.append(f"{label}: bench/{script} does not exist yet (pending)")
+            continue
+        print(f"running bench/{script} …", flush=True)
+        t0 = time.perf_counter()
+        try:
+            done = subprocess.run(
+                [sys.executable, str(path)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            rows.append(Row(label, None, "req/s", "bare view", None, ratio_override="timed out"))
+            continue
+        took = time.perf_counter() - t0
+        parsed = _parse(done.stdout)
+        if done.returncode != 0 or not parsed:
+            rows.append(
+                Row(
+                    label,
+                    None,
+                    "req/s",
+                    "bare view",
+                    None,
+                    ratio_override=f"exit {done.returncode}" if done.returncode else "unparsed",
+                )
+            )
+        rows.extend(parsed)
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-12:])
+        notes.append(
+            f"{label}: bench/{script} exit {done.returncode} in {took:.0f}s; its output "
+            f"ends:\n```\n{tail}\n```"
+        )
+    return rows, notes
+
+
+def _parse(stdout: str) -> list[Row]:
+    rows: list[Row] = []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith(("{", "[")):
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            for item in data if isinstance(data, list) else [data]:
+                if isinstance(item, dict) and "figure" in item:
+                    rows.append(
+                        Row(
+                            str(item.get("path", "?")),
+                            float(item["figure"]),
+                            str(item.get("unit", "req/s")),
+                            str(item.get("ceiling", "bare view")),
+                            float(item["ceiling_figure"]) if item.get("ceiling_figure") else None,
+                        )
+                    )
+        elif line.startswith("|") and not set(line) <= set("|- "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) >= 4 and cells[0].lower() not in ("path", "row", "what"):
+                fig = re.search(NUMBER, cells[1])
+                ceil = re.search(NUMBER, cells[3]) if len(cells) > 3 else None
+                if fig:
+                    unit = cells[1][fig.end() :].strip() or "req/s"
+                    rows.append(
+                        Row(
+                            cells[0],
+                            float(fig.group(1).replace(",", "")),
+                            unit,
+                            cells[2],
+                            float(ceil.group(1).replace(",", "")) if ceil else None,
+                        )
+                    )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="100k rows instead of 1M, fewer ops")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite bench/RESULTS.md")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP benchmarks")
+    args = parser.parse_args()
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    t0 = time.perf_counter()
+    info = machine()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+
+    from bench import queue_core
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    print("queue core (in process) …", flush=True)
+    core = queue_core.run(
+        big=100_000 if args.quick else 1_000_000,
+        ops=200 if args.quick else 500,
+        dispatch_jobs=1000 if args.quick else 2000,
+        do_profile=not args.no_profile,
+        log=log,
+    )
+    rows = list(core.rows)
+    notes = list(core.notes)
+    if not args.no_http:
+        more, more_notes = http_rows()
+        rows += more
+        notes += more_notes
+
+    text = common.table(rows)
+    elapsed = time.perf_counter() - t0
+    print()
+    print(text)
+    print()
+    for n in notes:
+        print("- " + n)
+    if core.profiles:
+        print()
+        for name, prof in core.profiles.items():
+            print(f"profile: {name}\n{prof}\n")
+    if not args.no_write:
+        write_results(info, started, elapsed, text, notes, core.profiles, quick=args.quick)
+    return 0
+
+
+def write_results(
+    info: dict[str, str],
+    started: str,
+    elapsed: float,
+    text: str,
+    notes: list[str],
+    profiles: dict[str, str],
+    *,
+    quick: bool,
+) -> None:
+    path = ROOT / "bench" / "RESULTS.md"
+    analysis_marker = "<!-- analysis: kept across runs -->"
+    analysis = ""
+    if path.exists():
+        old = path.read_text()
+        if analysis_marker in old:
+            analysis = old[old.index(analysis_marker) :]
+    cmd = ".venv/bin/python bench/run.py" + (" --quick" if quick else "") + "   (make bench)"
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Run {started}, {elapsed:.0f} s, command: `{cmd}`.",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ". A shared, noisy "
+        "2-core VM: PostgreSQL, the load and the code under test share the same two cores.",
+        "",
+        "Ratio: the path's throughput over its ceiling's (times are inverted so that 1.00 is "
+        '"as fast as the ceiling"); for the growth rows, time at 1M over time at 10k (1.00 is '
+        "flat).",
+        "",
+        text,
+        "",
+        "Notes:",
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+    ]
+    if profiles:
+        parts += ["## Profiles (cProfile, top entries by own time)", ""]
+        for name, prof in profiles.items():
+            parts += [f"### {name}", "", "```", prof, "```", ""]
+    parts.append(analysis or analysis_marker + "\n")
+    path.write_text("\n".join(parts))
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
