@@ -39,7 +39,7 @@ from provisioning.admin.common import (
     run_link,
 )
 from provisioning.errors import ProvisioningError
-from provisioning.models import Actor, JobStatus, ProvisioningJob
+from provisioning.models import Actor, JobKind, JobStatus, ProvisioningJob
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +153,8 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
         "short_id",
         "agent_link",
         "customer",
-        "kind",
         "status_badge",
-        "attempt",
-        "retries",
+        "attempt_retries",
         "step_progress",
         "age",
         "heartbeat",
@@ -249,7 +247,9 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
     # --- columns (all from the job, its agent and its user: no query per row) ---------------
 
     @admin.display(description="job")
-    def short_id(self, job: ProvisioningJob) -> str:
+    def short_id(self, job: ProvisioningJob) -> SafeString | str:
+        if job.kind != JobKind.PROVISION:  # the rare kind is tagged; provisions are the default
+            return format_html('{} <span class="job-kind">{}</span>', job.short_id, job.kind)
         return job.short_id
 
     @admin.display(description="agent")
@@ -271,6 +271,18 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
     @admin.display(description="retries")
     def retries(self, job: ProvisioningJob) -> str:
         return f"{job.retry_count} of {job.max_retries}"
+
+    @admin.display(description="attempt · retries")
+    def attempt_retries(self, job: ProvisioningJob) -> SafeString:
+        return format_html(
+            '<span title="attempt {}; automatic retries spent {} of {}">{} · {} of {}</span>',
+            job.attempt,
+            job.retry_count,
+            job.max_retries,
+            job.attempt,
+            job.retry_count,
+            job.max_retries,
+        )
 
     @admin.display(description="step")
     def step_progress(self, job: ProvisioningJob) -> SafeString | str:
@@ -355,7 +367,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
             return "—"
         return format_html('<pre class="job-error">{}</pre>', job.error)
 
-    @admin.display(description="")
+    @admin.display(description="events")
     def timeline(self, job: ProvisioningJob) -> SafeString:
         events = list(job.events.order_by("created_at", "id"))
         for event in events:
