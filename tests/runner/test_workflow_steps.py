@@ -147,3 +147,26 @@ def test_the_failure_step_without_any_state_does_nothing(step_env, callback_api)
 
     assert result.returncode == 0
     assert callback_api.calls == []
+
+
+def test_the_workflow_steps_deprovision_every_vm_of_the_agent(
+    step_env, callback_api, fake_hetzner, job_id
+):
+    labels = {"managed-by": "agent-provisioning", "agent-id": callback_api.agent_id}
+    fake_hetzner.add_server(name="agent-a", labels={**labels, "job-id": "a", "attempt": "1"})
+    fake_hetzner.add_server(name="agent-b", labels={**labels, "job-id": "b", "attempt": "2"})
+    other = fake_hetzner.add_server(
+        name="agent-c", labels={**labels, "agent-id": "someone-else", "job-id": "c"}
+    )
+    claim = run_runner(
+        step_env, "claim", "--mode", "deprovision", "--job-id", job_id, "--attempt", "1"
+    )
+    assert claim.returncode == 0, claim.stderr
+    loop = start_heartbeat_loop(step_env)
+
+    codes = [run_runner(step_env, step).returncode for step in ["delete-servers", "complete"]]
+
+    assert codes == [0, 0]
+    assert stopped_within(loop, 5)
+    assert [s["id"] for s in fake_hetzner.servers] == [other["id"]]
+    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": ""}

@@ -102,15 +102,38 @@ def test_workflow_grants_only_an_id_token_and_serialises_runs_per_job():
         "cancel-in-progress": False,
     }
     assert job["environment"] == "production"
-    assert workflow["run-name"] == "provision ${{ inputs.job_id }} attempt ${{ inputs.attempt }}"
+    assert job["if"] == "github.event_name == 'workflow_dispatch'"
+    # The service finds a dispatched run by this title; scheduled runs say what they are.
+    assert workflow["run-name"] == (
+        "${{ github.event_name == 'schedule' && 'reap managed servers' "
+        "|| format('provision {0} attempt {1}', inputs.job_id, inputs.attempt) }}"
+    )
     # PyYAML reads the bare key `on` as True.
     inputs = workflow[True]["workflow_dispatch"]["inputs"]
     assert set(inputs) == {"job_id", "attempt", "mode"}
     assert inputs["mode"]["options"] == ["provision", "cleanup", "deprovision"]
 
 
+def test_the_reaper_runs_every_15_minutes_in_its_own_job_with_only_an_id_token():
+    workflow = _workflow()
+    job = workflow["jobs"]["reap"]
+
+    assert workflow[True]["schedule"] == [{"cron": "*/15 * * * *"}]
+    assert job["if"] == "github.event_name == 'schedule'"
+    assert job["environment"] == "production"
+    assert job["permissions"] == {"id-token": "write", "contents": "read"}
+    assert job["concurrency"] == {"group": "reap", "cancel-in-progress": False}
+    commands = [s["run"] for s in job["steps"] if "provisioning.runner" in s.get("run", "")]
+    assert commands == ["python -m provisioning.runner reap"]
+    [reap] = [s for s in job["steps"] if s.get("run") == commands[0]]
+    assert reap["timeout-minutes"] > 0
+    assert reap["env"] == {"HCLOUD_TOKEN": "${{ secrets.HCLOUD_TOKEN }}"}
+    assert "ansible" not in str(job["steps"])
+
+
 def test_no_expression_is_spliced_into_a_script():
-    steps = _workflow()["jobs"]["provision"]["steps"]
+    jobs = _workflow()["jobs"]
+    steps = [step for job in jobs.values() for step in job["steps"]]
 
     scripts = [step["run"] for step in steps if "run" in step]
 
