@@ -149,15 +149,16 @@ def _skip_reason(error: ProvisioningError) -> str:
 @admin.register(ProvisioningJob)
 class ProvisioningJobAdmin(ReadOnlyAdmin):
     paginator = EstimatedCountPaginator
+    # What is stuck and why first; who it belongs to after.
     list_display = [
         "short_id",
+        "status_badge",
+        "heartbeat",
+        "step_progress",
+        "attempt_retries",
         "agent_link",
         "customer",
-        "status_badge",
-        "attempt_retries",
-        "step_progress",
         "age",
-        "heartbeat",
         "run",
     ]
     list_display_links = ["short_id"]
