@@ -6,7 +6,7 @@ redirect.
 
 from django.urls import URLPattern, path
 
-from provisioning import apis
+from provisioning import apis, apis_reaper
 
 urlpatterns: list[URLPattern] = [
     path("jobs/<uuid:job_id>/claim", apis.JobClaimApi.as_view(), name="job-claim"),
@@ -15,4 +15,5 @@ urlpatterns: list[URLPattern] = [
     path("jobs/<uuid:job_id>/fail", apis.JobFailApi.as_view(), name="job-fail"),
     path("agents/", apis.AgentListApi.as_view(), name="agent-list"),
     path("agents/<uuid:agent_id>/", apis.AgentDetailApi.as_view(), name="agent-detail"),
+    path("reaper/verdicts", apis_reaper.ReaperVerdictsApi.as_view(), name="reaper-verdicts"),
 ]

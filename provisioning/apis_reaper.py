@@ -1,0 +1,197 @@
+"""`POST /api/v1/reaper/verdicts`: the scheduled reaper asks which of our VMs may be deleted.
+
+Authenticated like the run callbacks — a GitHub Actions OIDC token of our workflow file on our
+branch, every check of `oidc.verify_run_token` — except that the run is a scheduled one
+(`event_name` `schedule`), or a manual `workflow_dispatch`. No `jti` is spent: the call only
+reads, apart from the audit notes it leaves on the jobs whose VMs are condemned.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import exceptions, serializers
+from rest_framework.authentication import get_authorization_header
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from provisioning import oidc, reaper
+from provisioning.apis import ErrorSerializer, StrictCharField, ValidationErrorSerializer
+from provisioning.apis import WorkflowRunApi as _WorkflowRunApi
+from provisioning.authentication import (
+    KeySetUnavailable,
+    WorkflowRun,
+    WorkflowRunAuthentication,
+)
+from provisioning.models import Actor
+from provisioning.oidc import RunIdentity, TokenInvalid
+
+logger = logging.getLogger(__name__)
+
+REAPER_EVENTS = ("schedule", "workflow_dispatch")
+MAX_SERVERS = 1000
+
+
+class ReaperRunAuthentication(WorkflowRunAuthentication):
+    """`WorkflowRunAuthentication` for the reaper's events (`schedule`, `workflow_dispatch`).
+
+    The parent verifies with the callbacks' fixed event list and offers no parameter, so this
+    repeats its header handling with `allowed_events`; every other check is the same function.
+    """
+
+    allowed_events: tuple[str, ...] = REAPER_EVENTS
+
+    def authenticate(self, request: Request) -> tuple[WorkflowRun, RunIdentity] | None:
+        parts = get_authorization_header(request).split()
+        if not parts or parts[0].lower() != self.keyword.lower().encode():
+            return None  # anonymous: IsWorkflowRun answers 401
+        if len(parts) != 2:
+            raise exceptions.AuthenticationFailed(
+                "Workflow token refused: the Authorization header must be 'Bearer <token>'.",
+                code="invalid_token",
+            )
+        try:
+            token = parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise exceptions.AuthenticationFailed(
+                "Workflow token refused: malformed token.", code="invalid_token"
+            ) from None
+        try:
+            identity = oidc.verify_run_token(token, allowed_events=self.allowed_events)
+        except TokenInvalid as exc:
+            if exc.reason == "key set unavailable":
+                raise KeySetUnavailable() from exc
+            logger.info("reaper token refused: %s", exc)
+            raise exceptions.AuthenticationFailed(
+                f"Workflow token refused: {exc.reason}.", code="invalid_token"
+            ) from exc
+        return WorkflowRun(identity), identity
+
+
+class ReaperRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+    target_class = "provisioning.apis_reaper.ReaperRunAuthentication"
+    name = "reaperRunToken"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": (
+                "A GitHub Actions OIDC ID token of a scheduled (or manually dispatched) run of "
+                "our workflow on our branch, minted fresh for the call."
+            ),
+        }
+
+
+class ManagedServerSerializer(serializers.Serializer):
+    server_id = StrictCharField(max_length=32, help_text="Hetzner server id.")
+    name = StrictCharField(max_length=128, required=False, allow_blank=True, default="")
+    job_id = StrictCharField(
+        max_length=64,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="The server's `job-id` label (blank if it has none).",
+    )
+    agent_id = StrictCharField(
+        max_length=64,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="The server's `agent-id` label (blank if it has none).",
+    )
+    created = serializers.DateTimeField(
+        required=False, allow_null=True, default=None, help_text="When Hetzner created it."
+    )
+
+    class Meta:
+        ref_name = "ReaperServer"
+
+    def validate_server_id(self, value: str) -> str:
+        if not value.isdigit():
+            raise serializers.ValidationError("A Hetzner server id is digits only.")
+        return value
+
+
+class ReaperKeepSerializer(serializers.Serializer):
+    server_id = serializers.CharField()
+    reason = serializers.CharField()
+
+    class Meta:
+        ref_name = "ReaperKeep"
+
+
+class ReaperVerdictSerializer(serializers.Serializer):
+    server_id = serializers.CharField()
+    verdict = serializers.ChoiceField(choices=["delete", "keep"])
+    reason = serializers.CharField()
+
+    class Meta:
+        ref_name = "ReaperVerdict"
+
+
+class ReaperVerdictsApi(_WorkflowRunApi):
+    authentication_classes = [ReaperRunAuthentication]
+
+    class InputSerializer(serializers.Serializer):
+        servers = serializers.ListField(
+            child=ManagedServerSerializer(), max_length=MAX_SERVERS, allow_empty=True
+        )
+
+        class Meta:
+            ref_name = "ReaperVerdictsRequest"
+
+    class OutputSerializer(serializers.Serializer):
+        delete = serializers.ListField(
+            child=serializers.CharField(), help_text="Server ids to delete; nothing else."
+        )
+        keep = ReaperKeepSerializer(many=True, help_text="Every server kept, with why.")
+        verdicts = ReaperVerdictSerializer(
+            many=True, help_text="Every server sent, in order, with its verdict and why."
+        )
+
+        class Meta:
+            ref_name = "ReaperVerdictsResponse"
+
+    @extend_schema(
+        operation_id="reaper_verdicts",
+        tags=["reaper"],
+        summary="Which managed VMs may be deleted",
+        description="The scheduled reaper sends every VM labelled managed-by=agent-provisioning; "
+        "the answer lists the ids to delete and a reason for every verdict. Rules: "
+        "provisioning/reaper.py. Each delete verdict leaves a `note` JobEvent on the related job.",
+        request=InputSerializer,
+        responses={
+            200: OutputSerializer,
+            400: OpenApiResponse(ValidationErrorSerializer, description="Bad body."),
+            401: OpenApiResponse(
+                ErrorSerializer,
+                description="No token, or not one of a scheduled/dispatched run of our workflow.",
+            ),
+            503: OpenApiResponse(ErrorSerializer, description="Token issuer keys unavailable."),
+        },
+    )
+    def post(self, request: Request) -> Response:
+        data = self.validated(self.InputSerializer, request)
+        servers = [reaper.ManagedServer(**item) for item in data["servers"]]
+        identity: RunIdentity = request.auth
+        verdicts = reaper.reaper_judge(servers=servers, actor=Actor.workflow(identity.run_id))
+        answer = {
+            "delete": [v.server_id for v in verdicts if v.delete],
+            "keep": [
+                {"server_id": v.server_id, "reason": v.reason} for v in verdicts if not v.delete
+            ],
+            "verdicts": [
+                {
+                    "server_id": v.server_id,
+                    "verdict": "delete" if v.delete else "keep",
+                    "reason": v.reason,
+                }
+                for v in verdicts
+            ],
+        }
+        return Response(self.OutputSerializer(answer).data)
