@@ -43,6 +43,14 @@ TIMINGS = {
 RUNNER_EXTRA_ENV = {"RUNNER_HCLOUD_POLL_SECONDS": "0.2", "RUNNER_RETRY_BACKOFF_SECONDS": "0.5"}
 
 
+def _secret_key() -> str:
+    with contextlib.suppress(Exception):
+        from django.conf import settings
+
+        return str(settings.SECRET_KEY)
+    return SECRET_KEY
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,7 +86,8 @@ class Stack:
         env.update(
             {
                 "DJANGO_SETTINGS_MODULE": "bench.reliability.server_settings",
-                "DJANGO_SECRET_KEY": SECRET_KEY,
+                # The suite's own: sessions it makes for the servers must verify there.
+                "DJANGO_SECRET_KEY": _secret_key(),
                 "DJANGO_DEBUG": "0",
                 "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
                 "DJANGO_SECURE_SSL_REDIRECT": "0",
