@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 from provisioning import services
 from provisioning.models import JobEvent, ProvisioningJob, UsedTokenId
 from tests.factories import AgentFactory
+from tests.fakes.hetzner import FakeHetzner
 from tests.fakes.oidc import bearer
 from tests.provisioning.helpers import claimed
 
@@ -272,3 +273,72 @@ def test_a_bad_body_is_400(api, token, body):
 
     assert response.status_code == 400
     assert response.json()["code"] == "invalid"
+
+
+# --- the whole loop: the runner's reap command against this server and the fake cloud ----------
+
+
+@pytest.fixture
+def cloud():
+    with FakeHetzner() as fake:
+        yield fake
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_runner_reaps_an_orphan_and_an_ended_agents_vm_and_leaves_a_running_agents(
+    live_server,
+    oidc_issuer,
+    cloud,
+    backend,
+    capsys,
+):
+    from provisioning.runner.config import Settings as RunnerSettings
+    from provisioning.runner.reap import run_reap
+
+    long_ago = timezone.now() - timedelta(hours=3)
+
+    def labels(job: Any, agent: Any) -> dict[str, str]:
+        return {
+            "managed-by": "agent-provisioning",
+            "job-id": _label(job),
+            "agent-id": _label(agent),
+            "attempt": "1",
+        }
+
+    def add(name: str, job: Any, agent: Any, created=long_ago) -> str:
+        server = cloud.add_server(name=name, labels=labels(job, agent), created=created)
+        return str(server["id"])
+
+    # A running agent, its VM recorded on it.
+    job, run = claimed(backend)
+    live = add(f"agent-{job.pk}", job, job.agent)
+    services.job_complete(job_id=job.pk, run=run, server_id=live, ipv4="203.0.113.9")
+    # An ended agent (its deprovision lost, say).
+    ended_job, ended_run = claimed(backend)
+    gone = add(f"agent-{ended_job.pk}", ended_job, ended_job.agent)
+    services.job_complete(job_id=ended_job.pk, run=ended_run, server_id=gone, ipv4="203.0.113.8")
+    services.agent_end(agent_id=ended_job.agent_id, actor="stripe", reason="refund")
+    # VMs no job knows: one old, one just created.
+    orphan = add("agent-orphan", uuid.uuid4(), uuid.uuid4())
+    fresh = add("agent-fresh", uuid.uuid4(), uuid.uuid4(), created=timezone.now())
+
+    oidc_issuer.claim_overrides = {"event_name": "schedule"}
+    settings = RunnerSettings.from_env(
+        {
+            "PROVISIONING_API_URL": live_server.url,
+            "PROVISIONING_OIDC_AUDIENCE": oidc_issuer.audience,
+            "ACTIONS_ID_TOKEN_REQUEST_URL": oidc_issuer.token_request_url(run_id=REAPER_RUN),
+            "ACTIONS_ID_TOKEN_REQUEST_TOKEN": oidc_issuer.request_token,
+            "HCLOUD_TOKEN": "hcloud-test-token",
+            "HCLOUD_API_ENDPOINT": cloud.url,
+            "RUNNER_HCLOUD_POLL_SECONDS": "0.05",
+        }
+    )
+
+    code = run_reap(settings)
+
+    assert code == 0, capsys.readouterr().err
+    assert sorted(str(s["id"]) for s in cloud.deleted_servers) == sorted([gone, orphan])
+    assert sorted(str(s["id"]) for s in cloud.servers) == sorted([live, fresh])
+    notes = JobEvent.objects.filter(action=JobEvent.Action.NOTE)
+    assert [(n.job_id, n.actor) for n in notes] == [(ended_job.pk, f"workflow:{REAPER_RUN}")]
