@@ -330,6 +330,7 @@ class Command(BaseCommand):
         while not self._stopping.wait(0.2):
             for child in self._children:
                 if child.poll() is not None:
+                    self._say(f"{child.name} exited with code {child.poll()}: stopping the rest")
                     return child
         return None
 
