@@ -72,7 +72,7 @@ class EstimatedCountPaginator(Paginator):
     On SQLite (development) a big result is simply counted.
     """
 
-    EXACT_LIMIT = 10_000
+    EXACT_LIMIT = 1_000
     MAX_ESTIMATED_PAGES = 200
 
     is_estimate = False
@@ -82,14 +82,8 @@ class EstimatedCountPaginator(Paginator):
         rows = self.object_list
         if not isinstance(rows, QuerySet):
             return len(rows)
-        capped = rows.order_by()[: self.EXACT_LIMIT + 1].count()
-        if capped <= self.EXACT_LIMIT:
-            return capped
-        estimate = estimate_count(rows)
-        if estimate is None:
-            return rows.count()
-        self.is_estimate = True
-        return max(estimate, capped)
+        count, self.is_estimate = capped_count(rows, exact_limit=self.EXACT_LIMIT)
+        return count
 
     @property
     def display_count(self) -> str:
@@ -101,6 +95,21 @@ class EstimatedCountPaginator(Paginator):
         if self.is_estimate:
             return min(pages, self.MAX_ESTIMATED_PAGES)
         return pages
+
+
+def capped_count(queryset: QuerySet[Any], *, exact_limit: int) -> tuple[int, bool]:
+    """(count, is_estimate): exact up to `exact_limit` rows, else PostgreSQL's estimate.
+
+    The exact part reads at most exact_limit + 1 rows (`COUNT(*) FROM (… LIMIT n)`). Elsewhere
+    than PostgreSQL (SQLite in development) a bigger result is counted in full.
+    """
+    capped = queryset.order_by()[: exact_limit + 1].count()
+    if capped <= exact_limit:
+        return capped, False
+    estimate = estimate_count(queryset)
+    if estimate is None:
+        return queryset.count(), False
+    return max(estimate, capped), True
 
 
 def estimate_count(queryset: QuerySet[Any]) -> int | None:
