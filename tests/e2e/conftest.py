@@ -79,7 +79,7 @@ class Pipeline:
         condition: Callable[[ProvisioningJob], bool],
         *,
         what: str,
-        timeout: float = 30.0,
+        timeout: float = 45.0,
     ) -> ProvisioningJob:
         """Poll the job until ``condition`` holds; on timeout fail with its whole story."""
         deadline = time.monotonic() + timeout
@@ -97,13 +97,24 @@ class Pipeline:
         *,
         what: str,
         job: ProvisioningJob,
-        timeout: float = 15.0,
+        timeout: float = 30.0,
     ) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{self.dump(job)}")
             time.sleep(POLL_SECONDS)
+
+    def wait_for_timeout_then_relax(self, job: ProvisioningJob) -> None:
+        """Wait for the worker to time the killed attempt out, then lengthen the timeout again so
+        a slow machine cannot time out the healthy retry too."""
+        self.wait_until(
+            lambda: JobEvent.objects.filter(job=job, action=JobEvent.Action.TIMEOUT).exists(),
+            what="the killed attempt to time out",
+            job=job,
+            timeout=60,
+        )
+        self.settings.JOB_TIMEOUT_SECONDS = 60
 
     def events(self, job: ProvisioningJob) -> list[JobEvent]:
         return list(JobEvent.objects.filter(job=job).order_by("created_at", "id"))

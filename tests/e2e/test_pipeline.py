@@ -108,7 +108,8 @@ def test_runner_killed_mid_job_times_out_and_the_retry_adopts_its_vm(pipeline, s
     agent = AgentFactory()
     job = services.job_enqueue(agent=agent, stripe_event_id="evt_e2e_killed")
 
-    job = pipeline.wait_for(job, is_running, what="the job to time out and run", timeout=45)
+    pipeline.wait_for_timeout_then_relax(job)
+    job = pipeline.wait_for(job, is_running, what="the retried job to run", timeout=60)
 
     assert (job.attempt, job.retry_count) == (2, 1), pipeline.dump(job)
     (timeout,) = actions(pipeline, job, JobEvent.Action.TIMEOUT)
@@ -135,8 +136,9 @@ def test_out_of_retries_fails_visibly_and_the_cleanup_run_deletes_the_vm(pipelin
     job = services.job_enqueue(agent=agent, stripe_event_id="evt_e2e_out_of_retries")
     assert job.max_retries == 1
 
+    pipeline.wait_for_timeout_then_relax(job)
     job = pipeline.wait_for(
-        job, lambda j: j.status == JobStatus.FAILED, what="the job to fail", timeout=45
+        job, lambda j: j.status == JobStatus.FAILED, what="the job to fail", timeout=60
     )
 
     assert (job.attempt, job.retry_count) == (2, 1), pipeline.dump(job)
