@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Throwaway values for local work only; production reads real ones from the environment.
-LOCAL_ENV := DJANGO_DEBUG=1 DJANGO_SECRET_KEY=local-dev-only-not-secret-$(USER)
+LOCAL_ENV := DJANGO_DEBUG=1 DJANGO_SECRET_KEY=local-dev-only-not-secret-0123456789abcdefghijklmnop
 TEST_ENV := DJANGO_SECRET_KEY=test-only-not-secret-0123456789abcdefghijklmnopqrstuvwxyz
 
 .PHONY: install run test lint fmt migrate bench reliability clean

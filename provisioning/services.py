@@ -517,7 +517,9 @@ def job_heartbeat(
         if ProvisioningJob.objects.filter(fence, step=step).update(**changes):
             return None
         with transaction.atomic():
-            if ProvisioningJob.objects.filter(fence).update(step=step, **changes):
+            # Only the call that actually changes the step writes the STEP event: two heartbeats
+            # announcing the same new step at once make one event, not two.
+            if ProvisioningJob.objects.filter(fence).exclude(step=step).update(step=step, **changes):
                 job = ProvisioningJob.objects.get(pk=job_id)
                 _event(
                     job,
@@ -528,6 +530,8 @@ def job_heartbeat(
                     reason=f"Step {step} started",
                 )
                 return job
+        if ProvisioningJob.objects.filter(fence).update(**changes):
+            return None  # a concurrent heartbeat set the same step first
     raise _refusal(job_id, run, wanted=JobStatus.PROVISIONING)
 
 
