@@ -1,4 +1,6 @@
-"""Fixtures for the dashboard's browser tests: Chromium, and the whole local pipeline.
+"""Fixtures for the dashboard's browser tests: the whole local pipeline around the live server.
+
+Chromium and the page come from tests/browser/conftest.py (`browser`, `page`).
 
 `pipeline` wires a live server to loopback fakes the way `make run` does: the fake Hetzner, the
 development OIDC issuer, a Stripe webhook endpoint recorded offline, the local runner backend
@@ -9,12 +11,13 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from django.db import connections
 
 from billing import services as billing_services
 from billing import test_events
@@ -22,47 +25,11 @@ from provisioning import backends
 from provisioning.localdev.fake_hetzner import FakeHetzner
 from tests.fakes.oidc import running_issuer
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+T = TypeVar("T")
+
 WEBHOOK_SECRET = "whsec_dashboardBrowserTestsOnly"
 WEBHOOK_UUID = "0b7d2c4e-1f3a-4c5b-8d6e-7f8091a2b3c4"
 STRIPE_TEST_KEY = "sk_test_dashboardBrowserTestsOnly000000"
-
-
-def chromium_missing_reason() -> str | None:
-    if not CHROMIUM.exists():
-        return (
-            "Chromium is not installed at /usr/bin/chromium "
-            "(Debian: apt-get install -y chromium chromium-driver; .ci/run installs it)"
-        )
-    return None
-
-
-@pytest.fixture
-def chromium(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Chromium for one test. Not session-scoped on purpose: Playwright's sync API keeps an event
-    loop running in the main thread while it lives, and Django refuses ORM calls there (so a
-    session-long browser would break the database setup of every later test)."""
-    reason = chromium_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    # The test's own ORM calls while Playwright is up are plain synchronous code.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def dashboard_page(chromium: Any) -> Iterator[Any]:
-    context = chromium.new_context()
-    context.set_default_timeout(20_000)
-    page = context.new_page()
-    yield page
-    context.close()
 
 
 class WorkerThread(threading.Thread):
@@ -88,6 +55,31 @@ class Pipeline:
     base_url: str
     hetzner: FakeHetzner
     log_dir: Path
+
+    def db(self, fn: Callable[[], T]) -> T:
+        """Run ORM code in a short-lived thread with its own connection.
+
+        While Playwright's sync API runs, the main thread has a running event loop: Django then
+        refuses ORM calls there, and asgiref would hand the thread a second, never-closed
+        connection (which would block the test database's teardown).
+        """
+        result: list[T] = []
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                result.append(fn())
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=target, name="dashboard-test-db")
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+        return result[0]
 
     def runner_logs(self) -> str:
         return "\n".join(

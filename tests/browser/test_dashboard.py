@@ -14,22 +14,18 @@ from typing import Any
 import pytest
 
 from provisioning.models import Agent, JobEvent
-from tests.browser.dashboard_fixtures import (  # noqa: F401 - fixtures
-    Pipeline,
-    chromium,
-    chromium_missing_reason,
-    dashboard_page,
-    pipeline,
-)
+from tests.browser.dashboard_fixtures import Pipeline, pipeline  # noqa: F401 - a fixture
 from tests.factories import UserFactory
 
+# PostgreSQL only: on SQLite the test database is in memory, and pytest-django's live server
+# shares that one connection among its threads; with the runner's heartbeats, htmx polls and the
+# worker all writing at once, SQLite's shared cache answers "database table is locked".
+# Fixture order matters: `pipeline` (database work in this thread) before `page` (see Pipeline.db).
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.postgres_only,
     pytest.mark.slow,
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(
-        chromium_missing_reason() is not None, reason=chromium_missing_reason() or ""
-    ),
 ]
 
 PASSWORD = "correct horse battery staple"
@@ -63,7 +59,7 @@ def open_agent(page: Any, name: str) -> None:
 def diagnostics(stack: Pipeline) -> str:
     events = "\n".join(
         f"{e.created_at:%H:%M:%S.%f} {e.action} {e.from_status}->{e.to_status} {e.step} {e.reason}"
-        for e in JobEvent.objects.order_by("created_at", "id")
+        for e in stack.db(lambda: list(JobEvent.objects.order_by("created_at", "id")))
     )
     return f"job events:\n{events}\nrunner logs:\n{stack.runner_logs()}"
 
@@ -91,9 +87,8 @@ def watch_until_final(page: Any, *, timeout: float = 90.0) -> tuple[str, list[in
     return state, seen
 
 
-def test_a_customer_buys_an_agent_and_watches_it_reach_running(dashboard_page, pipeline):  # noqa: F811
-    UserFactory(username="ada")
-    page = dashboard_page
+def test_a_customer_buys_an_agent_and_watches_it_reach_running(pipeline, page):  # noqa: F811
+    pipeline.db(lambda: UserFactory(username="ada"))
 
     log_in(page, pipeline.base_url, "ada")
     buy(page, name="Browser agent", region="eu-central")
@@ -105,16 +100,16 @@ def test_a_customer_buys_an_agent_and_watches_it_reach_running(dashboard_page, p
     assert progress_seen == sorted(progress_seen), f"progress went backwards: {progress_seen}"
     address = page.locator("code.ipv4").inner_text()
     assert IPV4.match(address), address
-    assert Agent.objects.get(name="Browser agent").ipv4 == address
+    assert pipeline.db(lambda: Agent.objects.get(name="Browser agent").ipv4) == address
+    assert [s["public_net"]["ipv4"]["ip"] for s in pipeline.hetzner.servers] == [address]
     assert page.locator('[data-state="done"]').count() == 6
     assert page.locator("section.status").get_attribute("hx-trigger") is None  # polling stopped
 
 
-def test_a_forced_failure_shows_the_plain_language_reason(dashboard_page, pipeline, settings):  # noqa: F811
+def test_a_forced_failure_shows_the_plain_language_reason(settings, pipeline, page):  # noqa: F811
     settings.LOCAL_RUNNER_FAIL_STEP = "configure"
     settings.MAX_RETRIES = 0  # the new job's max_retries: fail at once, no automatic retry
-    UserFactory(username="grace")
-    page = dashboard_page
+    pipeline.db(lambda: UserFactory(username="grace"))
 
     log_in(page, pipeline.base_url, "grace")
     buy(page, name="Doomed agent", region="us-east")
@@ -127,6 +122,6 @@ def test_a_forced_failure_shows_the_plain_language_reason(dashboard_page, pipeli
     assert "Our team has been notified and we are on it." in status.inner_text()
     assert page.locator('[data-step="configure"][data-state="failed"]').count() == 1
     assert page.get_by_role("button", name="Re-provision").is_visible()
-    job_error = Agent.objects.get(name="Doomed agent").jobs.get().error
+    job_error = pipeline.db(lambda: Agent.objects.get(name="Doomed agent").jobs.get().error)
     assert job_error
     assert job_error[:40] not in page.content()  # the raw error is for operators only
