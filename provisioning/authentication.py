@@ -94,7 +94,7 @@ class IsWorkflowRun(BasePermission):
         return isinstance(request.auth, RunIdentity)
 
 
-class WorkflowRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+class WorkflowRunAuthenticationScheme(OpenApiAuthenticationExtension):
     """Describes the bearer scheme in the OpenAPI schema (drf-spectacular finds it by import)."""
 
     target_class = "provisioning.authentication.WorkflowRunAuthentication"

@@ -95,17 +95,24 @@ class JobCollector(Collector):
         yield from self._worker(now)
 
     def _by_status(self, now: datetime) -> Iterator[Any]:
+        # Counted exactly for the states that need attention (queued, provisioning, failed).
+        # `running` is every agent ever built: counting it is a scan of the whole table at each
+        # scrape (~0.7 s at 1M rows), so successes are reported per 24 h below instead.
         jobs = GaugeMetricFamily(
-            "provisioning_jobs", "Jobs by status and kind.", labels=["status", "kind"]
+            "provisioning_jobs",
+            "Jobs waiting, in flight, or failed (an operator's turn), by status and kind.",
+            labels=["status", "kind"],
         )
+        counted = [JobStatus.QUEUED, JobStatus.PROVISIONING, JobStatus.FAILED]
         counts = {
             (status, kind): n
-            for status, kind, n in ProvisioningJob.objects.order_by()
+            for status, kind, n in ProvisioningJob.objects.filter(status__in=counted)
+            .order_by()
             .values_list("status", "kind")
             .annotate(n=Count("pk"))
             .values_list("status", "kind", "n")
         }
-        for status in JobStatus.values:
+        for status in counted:
             for kind in JobKind.values:
                 jobs.add_metric([status, kind], counts.get((status, kind), 0))
         yield jobs
@@ -142,19 +149,21 @@ class JobCollector(Collector):
             completed_at__gte=since,
             status__in=[JobStatus.RUNNING, JobStatus.FAILED],
         )
-        by_outcome = dict(
-            finished.order_by()
-            .values_list("status")
+        by_outcome = {
+            (status, kind): n
+            for status, kind, n in finished.order_by()
+            .values_list("status", "kind")
             .annotate(n=Count("pk"))
-            .values_list("status", "n")
-        )
+            .values_list("status", "kind", "n")
+        }
         outcomes = GaugeMetricFamily(
             "provisioning_jobs_finished_24h",
-            "Jobs that ended in the last 24 hours, by outcome (running = succeeded).",
-            labels=["outcome"],
+            "Jobs that ended in the last 24 hours, by outcome (running = succeeded) and kind.",
+            labels=["outcome", "kind"],
         )
         for status in (JobStatus.RUNNING, JobStatus.FAILED):
-            outcomes.add_metric([status], by_outcome.get(status, 0))
+            for kind in JobKind.values:
+                outcomes.add_metric([status, kind], by_outcome.get((status, kind), 0))
         yield outcomes
 
         # claimed_at -> completed_at of the attempt that succeeded, bucketed in SQL.

@@ -116,8 +116,12 @@ def test_metrics_report_outcomes_and_the_provisioning_duration(client, backend):
 
     m = samples(client)
 
-    assert m[("provisioning_jobs_finished_24h", (("outcome", "running"),))] == 1
-    assert m[("provisioning_jobs_finished_24h", (("outcome", "failed"),))] == 1
+    finished = "provisioning_jobs_finished_24h"
+    assert m[(finished, (("kind", "provision"), ("outcome", "running")))] == 1
+    assert m[(finished, (("kind", "provision"), ("outcome", "failed")))] == 1
+    assert m[(finished, (("kind", "deprovision"), ("outcome", "running")))] == 0
+    assert m[("provisioning_jobs", (("kind", "provision"), ("status", "failed")))] == 1
+    assert ("provisioning_jobs", (("kind", "provision"), ("status", "running"))) not in m
     assert m[("provisioning_job_duration_seconds_count", ())] == 1
     assert m[("provisioning_job_duration_seconds_sum", ())] == pytest.approx(400)
     assert m[("provisioning_job_duration_seconds_bucket", (("le", "300.0"),))] == 0
