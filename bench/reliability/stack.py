@@ -28,13 +28,14 @@ WEBHOOK_UUID = "00000000-0000-4000-8000-0000000000a1"
 STRIPE_KEY = "sk_test_reliabilitySuiteOnlyNotAStripeKey00"
 SECRET_KEY = "reliability-only-not-secret-0123456789abcdefghijklmnopqrstuvwxyz"
 
-# Shortened clocks: a silent run times out in 8 s, a retry waits 1-2 s, an unclaimed dispatch is
-# re-sent after 6 s, the worker ticks twice a second.
+# Shortened clocks: a silent run times out in 15 s, a retry waits 1-2 s, an unclaimed dispatch is
+# re-sent after 30 s, the worker ticks twice a second. (A shorter claim window re-sends runs that
+# are only slow to start on a loaded 2-core machine, and each re-send starts one more runner.)
 TIMINGS = {
-    "JOB_TIMEOUT_SECONDS": "8",
+    "JOB_TIMEOUT_SECONDS": "15",
     "RETRY_BACKOFF_SECONDS": "1",
     "RETRY_BACKOFF_MAX_SECONDS": "2",
-    "DISPATCH_CLAIM_TIMEOUT_SECONDS": "6",
+    "DISPATCH_CLAIM_TIMEOUT_SECONDS": "30",
     "MAX_RETRIES": "2",
     "WORKER_INTERVAL_SECONDS": "0.5",
     "LOCAL_RUNNER_STEP_SECONDS": "0.2",

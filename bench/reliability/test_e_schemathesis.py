@@ -24,7 +24,7 @@ def _session_cookie(user) -> str:
 
 
 def test_schemathesis_finds_no_server_error(stack, make_users, issuer, workdir):
-    seconds = knob("RELIABILITY_SCHEMATHESIS_SECONDS", 90)
+    seconds = knob("RELIABILITY_SCHEMATHESIS_SECONDS", 60)
     (user,) = make_users("schema", 1)
     token = issuer.mint(run_id="4242", run_attempt=1)
     report = Path(workdir) / "schemathesis.txt"
