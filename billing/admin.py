@@ -4,8 +4,8 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from billing import services
-from billing.models import UnfulfillablePayment
+from billing import ending, services
+from billing.models import UnfulfillablePayment, UnmatchedEndingEvent
 
 
 class ResolvedFilter(admin.SimpleListFilter):
@@ -15,9 +15,7 @@ class ResolvedFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:  # type: ignore[type-arg]
         return [("open", "Open"), ("resolved", "Resolved")]
 
-    def queryset(
-        self, request: HttpRequest, queryset: QuerySet[UnfulfillablePayment]
-    ) -> QuerySet[UnfulfillablePayment]:
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:  # type: ignore[type-arg]
         if self.value() == "open":
             return queryset.filter(resolved_at__isnull=True)
         if self.value() == "resolved":
@@ -70,3 +68,54 @@ class UnfulfillablePaymentAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         rows = list(queryset)
         done = sum(services.unfulfillable_resolve(payment=row, by=request.user) for row in rows)
         self.message_user(request, f"Resolved {done} of {len(rows)} payments.")
+
+
+@admin.register(UnmatchedEndingEvent)
+class UnmatchedEndingEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Subscription cancellations, refunds and disputes that named no single agent: nothing was
+    ended. Find the agent (search by customer or subscription id), end it from the agent's page
+    if it should go, then mark the row resolved."""
+
+    list_display = [
+        "created_at",
+        "event_type",
+        "reason",
+        "detail",
+        "stripe_customer_id",
+        "stripe_object_id",
+        "resolved_at",
+    ]
+    list_filter = [ResolvedFilter, "reason", "created_at"]
+    search_fields = [
+        "stripe_event_id",
+        "stripe_object_id",
+        "stripe_customer_id",
+        "stripe_subscription_id",
+        "stripe_charge_id",
+    ]
+    date_hierarchy = "created_at"
+    readonly_fields = [
+        "stripe_event_id",
+        "event_type",
+        "stripe_object_id",
+        "stripe_customer_id",
+        "stripe_subscription_id",
+        "stripe_charge_id",
+        "reason",
+        "detail",
+        "payload",
+        "created_at",
+        "resolved_at",
+        "resolved_by",
+    ]
+    fields = [*readonly_fields, "note"]
+    actions = ["mark_resolved"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rows come from Stripe events only
+
+    @admin.action(description="Mark selected events resolved", permissions=["change"])
+    def mark_resolved(self, request: HttpRequest, queryset: QuerySet[UnmatchedEndingEvent]) -> None:
+        rows = list(queryset)
+        done = sum(ending.unmatched_resolve(row=row, by=request.user) for row in rows)
+        self.message_user(request, f"Resolved {done} of {len(rows)} events.")

@@ -7,7 +7,12 @@ class BillingConfig(AppConfig):
     verbose_name = "Billing"
 
     def ready(self) -> None:
-        from djstripe.event_handlers import handle_other_event
+        from djstripe.event_handlers import (
+            handle_charge_dispute_event,
+            handle_charge_event,
+            handle_customer_subscription_event,
+            handle_other_event,
+        )
         from djstripe.models import Event
         from djstripe.signals import WEBHOOK_SIGNALS
 
@@ -20,3 +25,12 @@ class BillingConfig(AppConfig):
         for name, signal in WEBHOOK_SIGNALS.items():
             if name.startswith("checkout.session."):
                 signal.disconnect(receiver=handle_other_event, sender=Event)
+        # The same for the events that end an agent (and the charge events remembered for
+        # disputes): dj-stripe's sync would retrieve the subscription, charge or dispute.
+        for name, handler in (
+            ("customer.subscription.deleted", handle_customer_subscription_event),
+            ("charge.succeeded", handle_charge_event),
+            ("charge.refunded", handle_charge_event),
+            ("charge.dispute.created", handle_charge_dispute_event),
+        ):
+            WEBHOOK_SIGNALS[name].disconnect(receiver=handler, sender=Event)

@@ -69,3 +69,81 @@ class UnfulfillablePayment(models.Model):
     @property
     def is_resolved(self) -> bool:
         return self.resolved_at is not None
+
+
+class UnmatchedReason(models.TextChoices):
+    NO_AGENT = "no_agent", "No agent matches"
+    SEVERAL_AGENTS = "several_agents", "Several agents match"
+
+
+class UnmatchedEndingEvent(models.Model):
+    """A Stripe event that should end an agent (subscription deleted, full refund, dispute) but
+    does not name exactly one agent: an operator's turn.
+
+    Nothing was ended: guessing could switch off the wrong customer's agent, or leave a VM billing
+    for a customer who is gone. Recording it answers Stripe with 200 (a retry would match the
+    same way). One row per event: a redelivery finds it and adds nothing.
+    """
+
+    stripe_event_id = models.CharField(max_length=255, unique=True)
+    event_type = models.CharField(max_length=100)
+    # The event's object: sub_…, ch_… or dp_…
+    stripe_object_id = models.CharField(max_length=255, blank=True, default="")
+    stripe_customer_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    stripe_subscription_id = models.CharField(max_length=255, blank=True, default="")
+    stripe_charge_id = models.CharField(max_length=255, blank=True, default="")
+    reason = models.CharField(max_length=32, choices=UnmatchedReason)
+    detail = models.TextField(blank=True, default="")
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    note = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(reason__in=UnmatchedReason.values),
+                name="unmatched_ending_reason_valid",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["-created_at"],
+                condition=Q(resolved_at__isnull=True),
+                name="unmatched_ending_open_newest",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.stripe_event_id} ({self.get_reason_display()})"
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.resolved_at is not None
+
+
+class KnownCharge(models.Model):
+    """Whose a charge is, as a signed `charge.*` event said (customer, and subscription when the
+    payload carried it).
+
+    A dispute names only its charge (and payment intent), never the customer: this row is how a
+    later `charge.dispute.created` finds its agent without asking the Stripe API.
+    """
+
+    charge_id = models.CharField(max_length=255, unique=True)
+    payment_intent_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    stripe_customer_id = models.CharField(max_length=255, blank=True, default="")
+    stripe_subscription_id = models.CharField(max_length=255, blank=True, default="")
+    stripe_event_id = models.CharField(max_length=255)  # the first event that told us
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.charge_id

@@ -37,6 +37,18 @@ AGENT_NAME_MAX_CHARS = 64
 # `completed`; `async_payment_succeeded` is always paid).
 FULFILMENT_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
 PAID_STATUSES = ("paid", "no_payment_required")
+# What the Stripe webhook endpoint must send us (set the same list in Stripe's dashboard):
+# purchases, the events that end an agent, and `charge.succeeded` (a later dispute names only
+# its charge; billing.ending remembers whose each charge is).
+ENABLED_EVENTS = (
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.async_payment_failed",
+    "customer.subscription.deleted",
+    "charge.succeeded",
+    "charge.refunded",
+    "charge.dispute.created",
+)
 
 
 class PurchaseInvalid(Exception):
@@ -419,12 +431,7 @@ def webhook_endpoint_setup(
     values = {
         "secret": secret,
         "url": url,
-        "enabled_events": [
-            "checkout.session.completed",
-            "checkout.session.async_payment_succeeded",
-            "checkout.session.async_payment_failed",
-            "customer.subscription.deleted",
-        ],
+        "enabled_events": list(ENABLED_EVENTS),
         "status": WebhookEndpointStatus.enabled,
         "livemode": livemode,
         "api_version": api_version,

@@ -1,7 +1,8 @@
 """dj-stripe receivers. They run inside dj-stripe's webhook transaction, after its Event row.
 
-They read only the signed payload (never the Stripe API: dj-stripe's own sync receiver for
-`checkout.session.*` is disconnected in BillingConfig.ready) and hand it to billing.services.
+They read only the signed payload (never the Stripe API: dj-stripe's own sync receivers for
+the events handled here are disconnected in BillingConfig.ready) and hand it to billing.services
+(purchases) or billing.ending (subscription deleted, full refund, dispute).
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from typing import Any
 
 from djstripe.event_handlers import djstripe_receiver
 
-from billing import services
+from billing import ending, services
 
 logger = logging.getLogger(__name__)
 
 
-def _session_of(event: Any) -> dict[str, Any]:
+def _object_of(event: Any) -> dict[str, Any]:
     data = event.data or {}
-    session = data.get("object") if isinstance(data, dict) else None
-    return session if isinstance(session, dict) else {}
+    obj = data.get("object") if isinstance(data, dict) else None
+    return obj if isinstance(obj, dict) else {}
+
+
+_session_of = _object_of
 
 
 @djstripe_receiver("checkout.session.completed")
@@ -55,3 +59,30 @@ def checkout_session_async_payment_succeeded_event(sender: Any, event: Any, **kw
 def checkout_session_async_payment_failed_event(sender: Any, event: Any, **kwargs: Any) -> None:
     """Nothing was paid and nothing was built: only say so in the log."""
     logger.info("%s: delayed payment failed for session %s", event.id, _session_of(event).get("id"))
+
+
+# --- ending an agent ------------------------------------------------------------------------
+
+
+@djstripe_receiver("customer.subscription.deleted")
+def customer_subscription_deleted_event(sender: Any, event: Any, **kwargs: Any) -> None:
+    ending.subscription_deleted(
+        event_id=event.id, event_type=event.type, subscription=_object_of(event)
+    )
+
+
+@djstripe_receiver("charge.refunded")
+def charge_refunded_event(sender: Any, event: Any, **kwargs: Any) -> None:
+    """Only a full refund ends the agent; a partial one is logged and changes nothing."""
+    ending.charge_refunded(event_id=event.id, event_type=event.type, charge=_object_of(event))
+
+
+@djstripe_receiver("charge.dispute.created")
+def charge_dispute_created_event(sender: Any, event: Any, **kwargs: Any) -> None:
+    ending.dispute_created(event_id=event.id, event_type=event.type, dispute=_object_of(event))
+
+
+@djstripe_receiver("charge.succeeded")
+def charge_succeeded_event(sender: Any, event: Any, **kwargs: Any) -> None:
+    """Remember whose the charge is: a later dispute names only the charge."""
+    ending.known_charge_record(event_id=event.id, charge=_object_of(event))
