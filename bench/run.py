@@ -122,40 +122,79 @@ def http_rows(log: object = print) -> tuple[list[Row], list[str]]:
     return rows, notes
 
 
+KNOWN_LINES = (
+    # (path, figure regex, ceiling, ceiling regex, unit) for the other benchmarks' summaries
+    (
+        "heartbeat endpoint (OIDC + DRF, fenced UPDATE), gunicorn",
+        r"heartbeat API \(OIDC \+ DRF\)\s+([0-9.]+) req/s",
+        "bare Django view, same UPDATE",
+        r"bare Django view\s+([0-9.]+) req/s",
+        "req/s",
+    ),
+    (
+        "signed webhook -> agent + job (dj-stripe + fulfilment), gunicorn",
+        r"dj-stripe webhook\s+([0-9.]+) events/s",
+        "bare view, same inserts",
+        r"bare view\s+([0-9.]+) events/s",
+        "events/s",
+    ),
+)
+
+
 def _parse(stdout: str) -> list[Row]:
+    """JSON rows if the script printed any; else its known summary lines; else a markdown table."""
     rows: list[Row] = []
     for line in stdout.splitlines():
         line = line.strip()
-        if line.startswith(("{", "[")):
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            for item in data if isinstance(data, list) else [data]:
-                if isinstance(item, dict) and "figure" in item:
-                    rows.append(
-                        Row(
-                            str(item.get("path", "?")),
-                            float(item["figure"]),
-                            str(item.get("unit", "req/s")),
-                            str(item.get("ceiling", "bare view")),
-                            float(item["ceiling_figure"]) if item.get("ceiling_figure") else None,
-                        )
+        if not line.startswith(("{", "[")):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        for item in data if isinstance(data, list) else [data]:
+            if isinstance(item, dict) and "figure" in item:
+                rows.append(
+                    Row(
+                        str(item.get("path", "?")),
+                        float(item["figure"]),
+                        str(item.get("unit", "req/s")),
+                        str(item.get("ceiling", "bare view")),
+                        float(item["ceiling_figure"]) if item.get("ceiling_figure") else None,
+                        higher_is_better=bool(item.get("higher_is_better", True)),
                     )
-        elif line.startswith("|") and not set(line) <= set("|- "):
+                )
+    if rows:
+        return rows
+    for path, fig_re, ceiling, ceil_re, unit in KNOWN_LINES:
+        fig, ceil = re.search(fig_re, stdout), re.search(ceil_re, stdout)
+        if fig:
+            rows.append(
+                Row(
+                    path,
+                    float(fig.group(1)),
+                    unit,
+                    ceiling,
+                    float(ceil.group(1)) if ceil else None,
+                )
+            )
+    if rows:
+        return rows
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("|") and not set(line) <= set("|-: "):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            if len(cells) >= 4 and cells[0].lower() not in ("path", "row", "what"):
-                fig = re.search(NUMBER, cells[1])
-                ceil = re.search(NUMBER, cells[3]) if len(cells) > 3 else None
-                if fig:
-                    unit = cells[1][fig.end() :].strip() or "req/s"
+            if len(cells) >= 4 and cells[0].lower() not in ("path", "row", "what", "case"):
+                fig_m = re.search(NUMBER, cells[1])
+                ceil_m = re.search(NUMBER, cells[3])
+                if fig_m:
                     rows.append(
                         Row(
                             cells[0],
-                            float(fig.group(1).replace(",", "")),
-                            unit,
+                            float(fig_m.group(1).replace(",", "")),
+                            cells[1][fig_m.end() :].strip() or "req/s",
                             cells[2],
-                            float(ceil.group(1).replace(",", "")) if ceil else None,
+                            float(ceil_m.group(1).replace(",", "")) if ceil_m else None,
                         )
                     )
     return rows
