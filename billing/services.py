@@ -456,11 +456,10 @@ def webhook_endpoint_setup(
 def webhook_trigger_prune(*, older_than: timedelta) -> tuple[int, int]:
     """Delete invalid (unverified) webhook trigger rows older than `older_than`; keep valid ones.
 
-    Returns (deleted, invalid rows kept because they are recent).
+    Returns (deleted, invalid rows kept because they are recent). `manage.py prune` does this
+    together with the rest of retention (billing.retention).
     """
-    from djstripe.models import WebhookEventTrigger
+    from billing import retention
 
-    cutoff = timezone.now() - older_than
-    invalid = WebhookEventTrigger.objects.filter(valid=False)
-    deleted, _ = invalid.filter(created__lt=cutoff).delete()
-    return deleted, invalid.count()
+    pruned = retention.invalid_triggers_prune(older_than=older_than)
+    return pruned.deleted, pruned.kept

@@ -1,4 +1,6 @@
-"""Retention for dj-stripe's trigger rows: forged or garbled requests still write one each."""
+"""Retention for dj-stripe's trigger rows only: forged or garbled requests still write one each.
+
+`manage.py prune` runs this together with the rest of retention (use that one from cron)."""
 
 from __future__ import annotations
 
