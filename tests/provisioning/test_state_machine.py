@@ -134,8 +134,9 @@ class TestJobLifecycle(TestCase):
         run_state_machine_as_test(
             JobLifecycle,
             settings=settings(
-                max_examples=60,
-                stateful_step_count=30,
+                max_examples=30,
+                stateful_step_count=25,
+                database=None,
                 deadline=None,
                 suppress_health_check=[HealthCheck.too_slow],
             ),
