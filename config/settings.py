@@ -179,6 +179,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Workflow-run callbacks (OIDC) and the customer's read API (session).",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and Swagger UI describe the contract, not data: readable without a login.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     # One name per choice set (`step` and `failed_step` share the runner's steps).
     "ENUM_NAME_OVERRIDES": {
         "RunnerStepEnum": "provisioning.apis.RUNNER_STEP_CHOICES",
@@ -196,6 +198,8 @@ DISPATCH_CLAIM_TIMEOUT_SECONDS = env.int("DISPATCH_CLAIM_TIMEOUT_SECONDS", defau
 WORKER_INTERVAL_SECONDS = env.float("WORKER_INTERVAL_SECONDS", default=5.0)
 # An attempt's absolute limit, heartbeats or not (a heartbeat thread can hide a hung Ansible run).
 JOB_DEADLINE_SECONDS = env.int("JOB_DEADLINE_SECONDS", default=3600)
+# How often the worker asks the runner backend (GitHub) about in-flight runs, per job.
+RECONCILE_INTERVAL_SECONDS = env.int("RECONCILE_INTERVAL_SECONDS", default=300)
 
 PROVISIONING_RUNNER = env.str("PROVISIONING_RUNNER", default="local")
 # Dispatch right after an enqueue commits (instead of at the next worker tick). Off in tests, so

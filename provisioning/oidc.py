@@ -94,6 +94,8 @@ class _FileJWKClient(PyJWKClient):
 
 _clients: dict[tuple[str, float, float], PyJWKClient] = {}
 _clients_lock = threading.Lock()
+# Built signing keys by (client, kid) with their expiry (time.monotonic()).
+_keys: dict[tuple[int, str], tuple[Any, float]] = {}
 
 
 def _jwk_client(source: str) -> PyJWKClient:
@@ -130,6 +132,7 @@ def reset_key_cache() -> None:
     """Forget every cached key set (tests; a deploy never needs this)."""
     with _clients_lock:
         _clients.clear()
+        _keys.clear()
 
 
 # -- verification --------------------------------------------------------------------------------
@@ -156,8 +159,21 @@ def _signing_key(client: PyJWKClient, token: str) -> Any:
     kid = header.get("kid")
     if not kid:
         raise TokenInvalid("unknown key", "token header has no kid")
+    cached = _keys.get((id(client), kid))
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
     try:
-        return client.get_signing_key(kid).key
+        key = client.get_signing_key(kid).key
+        # PyJWKClient caches the key set's JSON but rebuilds the RSA key object on every call
+        # (~0.3 ms); keep the built key for the key set's lifespan so a rotated-out key still
+        # stops working within that time.
+        _keys[(id(client), kid)] = (
+            key,
+            time.monotonic() + client.jwk_set_cache.lifespan
+            if client.jwk_set_cache
+            else time.monotonic() + 300,
+        )
+        return key
     except jwt.PyJWKClientConnectionError as exc:
         # Not the caller's fault, but we cannot vouch for the token either.
         logger.warning("OIDC key set unavailable: %s", exc)
