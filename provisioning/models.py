@@ -139,6 +139,7 @@ class Agent(models.Model):
             # Serves the dashboard's "my agents, newest first".
             models.Index(fields=["owner", "-created_at"], name="agent_owner_newest"),
         ]
+        permissions = [("end_agent", "Can end agents (deprovision their VM)")]
 
     def __str__(self) -> str:
         return f"{self.name} ({str(self.pk)[:8]})"
@@ -182,6 +183,8 @@ class ProvisioningJob(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True)  # last dispatch of this attempt
     # When the `mode: cleanup` run for a failed provision was sent (once).
     cleanup_dispatched_at = models.DateTimeField(null=True, blank=True)
+    # When the worker last asked the runner backend about this job's run (reconciliation).
+    reconciled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -7,8 +7,8 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
-from django.db.models.functions import Coalesce
+from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce, Greatest
 
 from provisioning.models import Agent, JobEvent, JobKind, JobStatus, ProvisioningJob
 
@@ -125,4 +125,84 @@ def job_counts_by_status() -> dict[str, int]:
         .values_list("status")
         .annotate(n=Count("pk"))
         .values_list("status", "n")
+    )
+
+
+# --- deadlines and reconciliation (each over provisioning or queued rows only: partial indexes) ---
+
+
+def job_list_overdue(
+    *, now: datetime, deadline_seconds: int | None = None
+) -> QuerySet[ProvisioningJob]:
+    """Provisioning jobs whose attempt was claimed longer ago than JOB_DEADLINE_SECONDS."""
+    deadline = deadline_seconds if deadline_seconds is not None else settings.JOB_DEADLINE_SECONDS
+    return ProvisioningJob.objects.filter(
+        status=JobStatus.PROVISIONING, claimed_at__lt=now - timedelta(seconds=deadline)
+    )
+
+
+def _checked_since() -> Any:
+    """When this attempt's run was last checked against the backend: the later of the last check
+    and the claim (a check made during an earlier attempt says nothing about this one)."""
+    claimed = Coalesce("claimed_at", "updated_at")
+    return Greatest(Coalesce("reconciled_at", claimed), claimed)
+
+
+def job_list_reconcile_due(
+    *, now: datetime, interval_seconds: int | None = None
+) -> QuerySet[ProvisioningJob]:
+    """Provisioning jobs with a run whose status was not checked within the interval, least
+    recently checked first."""
+    interval = (
+        interval_seconds if interval_seconds is not None else settings.RECONCILE_INTERVAL_SECONDS
+    )
+    return (
+        ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING, workflow_run_id__isnull=False)
+        .alias(checked_since=_checked_since())
+        .filter(checked_since__lt=now - timedelta(seconds=interval))
+        .order_by("checked_since")
+    )
+
+
+def job_list_unreconciled(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Provisioning jobs nobody confirmed with the backend for 2 x RECONCILE_INTERVAL_SECONDS:
+    the reconciliation duty is not running, the backend keeps erroring, or does not know the run
+    (a run id GitHub answers 404 for)."""
+    return job_list_reconcile_due(now=now, interval_seconds=2 * settings.RECONCILE_INTERVAL_SECONDS)
+
+
+def job_list_unclaimed(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Queued jobs whose first dispatch of this attempt went out over DISPATCH_CLAIM_TIMEOUT_SECONDS
+    ago and no run has claimed them since: runs start (or are re-sent) but never claim.
+
+    A claim moves the job to provisioning and every requeue bumps `attempt`, so a DISPATCH event
+    of the current attempt on a queued job means "sent, not claimed". Jobs waiting their turn
+    behind the customer's other order were never dispatched and are not counted.
+    """
+    window = now - timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
+    sent_long_ago = JobEvent.objects.filter(
+        job_id=OuterRef("pk"),
+        action=JobEvent.Action.DISPATCH,
+        attempt=OuterRef("attempt"),
+        created_at__lt=window,
+    )
+    return ProvisioningJob.objects.filter(status=JobStatus.QUEUED).filter(Exists(sent_long_ago))
+
+
+def job_list_dispatch_failing() -> QuerySet[ProvisioningJob]:
+    """Queued jobs whose latest dispatch try (this attempt) failed: the backend refused or was
+    unreachable (JobEvent dispatch_failed); they retry after a short backoff."""
+    latest_try = (
+        JobEvent.objects.filter(
+            job_id=OuterRef("pk"),
+            attempt=OuterRef("attempt"),
+            action__in=[JobEvent.Action.DISPATCH, JobEvent.Action.DISPATCH_FAILED],
+        )
+        .order_by("-created_at", "-id")
+        .values("action")[:1]
+    )
+    return (
+        ProvisioningJob.objects.filter(status=JobStatus.QUEUED)
+        .alias(latest_try=Subquery(latest_try))
+        .filter(latest_try=JobEvent.Action.DISPATCH_FAILED)
     )
