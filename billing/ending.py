@@ -307,6 +307,33 @@ def _unmatched(
     return EndingResult(unmatched=row)
 
 
+def end_if_already_cancelled(*, agent: Agent) -> EndingResult | None:
+    """A new agent whose subscription's deletion arrived first (Stripe delivers out of order):
+    end it now with that event, and close the event's unmatched row.
+
+    Only an exact subscription id counts: a customer-only match would be a guess.
+    """
+    if not agent.stripe_subscription_id:
+        return None
+    row = (
+        UnmatchedEndingEvent.objects.filter(
+            stripe_subscription_id=agent.stripe_subscription_id,
+            reason=UnmatchedReason.NO_AGENT,
+            resolved_at__isnull=True,
+        )
+        .order_by("created_at")
+        .first()
+    )
+    if row is None:
+        return None
+    result = _end(agent, event_id=row.stripe_event_id, event_type=row.event_type)
+    UnmatchedEndingEvent.objects.filter(pk=row.pk, resolved_at__isnull=True).update(
+        resolved_at=timezone.now(),
+        note=f"Ended agent {agent.pk} when its purchase arrived after this event.",
+    )
+    return result
+
+
 def unmatched_resolve(*, row: UnmatchedEndingEvent, by: Any, note: str = "") -> bool:
     """Mark an unmatched ending event handled by an operator. False if it already was."""
     updated = UnmatchedEndingEvent.objects.filter(pk=row.pk, resolved_at__isnull=True).update(

@@ -90,7 +90,8 @@ class UnmatchedEndingEvent(models.Model):
     # The event's object: sub_…, ch_… or dp_…
     stripe_object_id = models.CharField(max_length=255, blank=True, default="")
     stripe_customer_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
-    stripe_subscription_id = models.CharField(max_length=255, blank=True, default="")
+    # A purchase that arrives after its subscription's deletion looks itself up here.
+    stripe_subscription_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
     stripe_charge_id = models.CharField(max_length=255, blank=True, default="")
     reason = models.CharField(max_length=32, choices=UnmatchedReason)
     detail = models.TextField(blank=True, default="")

@@ -25,6 +25,7 @@ from django.db import IntegrityError, transaction
 from django.urls import reverse
 from django.utils import timezone
 
+from billing import ending
 from billing.models import UnfulfillablePayment, UnfulfillableReason
 from provisioning import services as provisioning_services
 from provisioning.models import Agent, Region
@@ -236,6 +237,8 @@ def purchase_fulfil(
             agent.pk,
             agent.owner_id,
         )
+        # Stripe delivers out of order: its subscription may already have been deleted.
+        ending.end_if_already_cancelled(agent=agent)
     else:
         logger.info(
             "%s (%s): session %s already fulfilled as agent %s",

@@ -411,3 +411,43 @@ def test_stripe_send_test_event_needs_an_agent_for_an_ending_event():
 
     with pytest.raises(CommandError, match="has no agent"):
         _run("stripe_send_test_event", "customer.subscription.deleted", "--customer", "ada")
+
+
+# --- out of order: the ending arrives before the purchase ---------------------------------------
+
+
+def test_a_purchase_arriving_after_its_subscriptions_deletion_is_ended_at_once(deliver):
+    from tests.billing.conftest import load_event
+
+    customer = UserFactory(username="ada")
+    cancelled = load("customer.subscription.deleted__canceled", subscription="sub_early")
+    assert deliver(cancelled).status_code == 200
+    assert UnmatchedEndingEvent.objects.get().reason == UnmatchedReason.NO_AGENT
+
+    purchase = load_event("checkout.session.completed__paid", user=customer)
+    purchase["data"]["object"]["subscription"] = "sub_early"
+    assert deliver(purchase).status_code == 200
+
+    agent = Agent.objects.get()
+    assert (agent.is_ended, agent.end_reason) == (True, "subscription cancelled")
+    build = ProvisioningJob.objects.get(agent=agent, kind=JobKind.PROVISION)
+    assert (build.status, build.failed_step) == (JobStatus.FAILED, Step.CANCELLED)
+    (job,) = deprovisions(agent)
+    assert job.stripe_event_id == cancelled["id"]
+    row = UnmatchedEndingEvent.objects.get()
+    assert row.is_resolved and str(agent.pk) in row.note
+
+
+def test_an_earlier_unmatched_refund_of_the_same_customer_is_not_a_reason_to_end(deliver):
+    # Only an exact subscription id counts; a customer-only match would be a guess.
+    from tests.billing.conftest import load_event
+
+    customer = UserFactory(username="ada")
+    deliver(load("charge.refunded__full", customer="cus_early"))
+    purchase = load_event("checkout.session.completed__paid", user=customer)
+    purchase["data"]["object"]["customer"] = "cus_early"
+
+    assert deliver(purchase).status_code == 200
+
+    assert not Agent.objects.get().is_ended
+    assert not UnmatchedEndingEvent.objects.get().is_resolved
