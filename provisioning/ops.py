@@ -91,6 +91,7 @@ class JobCollector(Collector):
         now = timezone.now()
         yield from self._by_status(now)
         yield from self._ages(now)
+        yield from self._lifecycle(now)
         yield from self._outcomes(now)
         yield from self._worker(now)
 
@@ -146,6 +147,32 @@ class JobCollector(Collector):
             "provisioning_stale_jobs",
             "Provisioning jobs past their timeout or deadline, awaiting the sweep.",
             value=selectors.job_list_stale(now=now).count(),
+        )
+
+    def _lifecycle(self, now: datetime) -> Iterator[Any]:
+        # Each reads provisioning rows (job_in_flight) or queued rows (job_queued_fifo) only, the
+        # queued ones with a short probe of their own events (jobevent_job_time).
+        yield GaugeMetricFamily(
+            "provisioning_overdue_jobs",
+            "Provisioning jobs whose attempt is older than JOB_DEADLINE_SECONDS, heartbeats or not.",
+            value=selectors.job_list_overdue(now=now).count(),
+        )
+        yield GaugeMetricFamily(
+            "provisioning_unreconciled_jobs",
+            "Provisioning jobs whose run was not confirmed with the runner backend (GitHub) "
+            "within 2 x RECONCILE_INTERVAL_SECONDS.",
+            value=selectors.job_list_unreconciled(now=now).count(),
+        )
+        yield GaugeMetricFamily(
+            "provisioning_unclaimed_jobs",
+            "Queued jobs dispatched over DISPATCH_CLAIM_TIMEOUT_SECONDS ago in this attempt that "
+            "no run has claimed.",
+            value=selectors.job_list_unclaimed(now=now).count(),
+        )
+        yield GaugeMetricFamily(
+            "provisioning_dispatch_failing_jobs",
+            "Queued jobs whose latest dispatch failed (JobEvent dispatch_failed).",
+            value=selectors.job_list_dispatch_failing().count(),
         )
 
     def _outcomes(self, now: datetime) -> Iterator[Any]:

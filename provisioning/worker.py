@@ -2,8 +2,9 @@
 
 A tick records this worker's heartbeat (WorkerBeat, for /healthz and /metrics), sweeps timed-out
 jobs through the fail path (which cancels the silent run after commit), dispatches due jobs and
-sends cleanup runs for failed provisions. Each duty is guarded: one failing (GitHub down, a
-database hiccup) never stops the others or the loop.
+sends cleanup runs for failed provisions; every RECONCILE_INTERVAL_SECONDS it also asks the
+backend (GitHub) about in-flight runs and fails jobs whose run has finished. Each duty is
+guarded: one failing (GitHub down, a database hiccup) never stops the others or the loop.
 
 Several workers at once are safe: dispatch and cleanup take rows with SKIP LOCKED, and the sweep
 re-checks each job under its row lock. No duty runs inside a transaction of ours (the services
@@ -16,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -72,6 +74,7 @@ class Worker:
     stop_event: threading.Event = field(default_factory=threading.Event)
     started_at: Any = field(default_factory=timezone.now)
     ticks: int = 0
+    _last_reconcile: float | None = field(default=None, repr=False)  # time.monotonic()
 
     # -- one tick ------------------------------------------------------------------------------
 
@@ -84,6 +87,7 @@ class Worker:
                 lambda: services.job_dispatch_due(backend=self.backend, limit=self.dispatch_limit),
             ),
             ("cleanup", lambda: services.job_send_cleanup(backend=self.backend)),
+            ("reconcile", self.reconcile),
         ]
 
     def tick(self) -> TickReport:
@@ -98,9 +102,22 @@ class Worker:
                 # A broken connection must not poison the next duty.
                 _refresh_connections()
         self.ticks += 1
-        if any(report.done.get(k) for k in ("timeout", "dispatch", "cleanup")):
+        if any(report.done.get(k) for k in ("timeout", "dispatch", "cleanup", "reconcile")):
             logger.info("worker %s tick %d: %s", self.name, self.ticks, report.done)
         return report
+
+    def reconcile(self) -> int:
+        """Every RECONCILE_INTERVAL_SECONDS (not every tick): ask the backend about in-flight runs.
+
+        The interval is kept here, per process; across workers, each job's `reconciled_at` lease
+        keeps a run from being asked about more than once per interval.
+        """
+        now = time.monotonic()
+        interval = float(settings.RECONCILE_INTERVAL_SECONDS)
+        if self._last_reconcile is not None and now - self._last_reconcile < interval:
+            return 0
+        self._last_reconcile = now
+        return services.job_reconcile_runs(backend=self.backend)
 
     def beat(self) -> int:
         """Upsert this worker's row; prune rows of workers long gone."""
