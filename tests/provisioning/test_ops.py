@@ -156,3 +156,86 @@ def test_metrics_need_the_token_when_one_is_set(client, settings):
 def test_ops_endpoints_answer_get_only(client):
     assert client.post("/healthz").status_code == 405
     assert client.post("/metrics").status_code == 405
+
+
+# --- deadlines, reconciliation and dispatch health -------------------------------------------------
+
+
+def test_metrics_count_overdue_unreconciled_unclaimed_and_dispatch_failing_jobs(
+    client, backend, settings
+):
+    from provisioning.models import JobEvent, JobStatus
+
+    now = timezone.now()
+    zero = samples(client)
+    for name in (
+        "provisioning_overdue_jobs",
+        "provisioning_unreconciled_jobs",
+        "provisioning_unclaimed_jobs",
+        "provisioning_dispatch_failing_jobs",
+    ):
+        assert zero[(name, ())] == 0, name
+
+    # Overdue: claimed past the deadline, still beating (so not silent); also unreconciled.
+    overdue, _ = claimed(backend)
+    ProvisioningJob.objects.filter(pk=overdue.pk).update(
+        claimed_at=now - timedelta(seconds=settings.JOB_DEADLINE_SECONDS + 5),
+        last_heartbeat_at=now,
+    )
+    # Checked against GitHub a moment ago, claimed long ago: reconciled, not overdue.
+    checked, _ = claimed(backend)
+    ProvisioningJob.objects.filter(pk=checked.pk).update(
+        claimed_at=now - timedelta(seconds=3 * settings.RECONCILE_INTERVAL_SECONDS),
+        reconciled_at=now - timedelta(seconds=10),
+    )
+    # Claimed a minute ago, never checked: not yet unreconciled.
+    claimed(backend)
+    # A previous attempt's old check does not count for a freshly claimed attempt.
+    fresh, _ = claimed(backend)
+    ProvisioningJob.objects.filter(pk=fresh.pk).update(reconciled_at=now - timedelta(days=1))
+
+    # Unclaimed: dispatched longer ago than the claim window, still queued in the same attempt.
+    unclaimed = enqueue(AgentFactory())
+    services.job_dispatch_next(backend=backend)
+    JobEvent.objects.filter(job=unclaimed, action=JobEvent.Action.DISPATCH).update(
+        created_at=now - timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS + 5)
+    )
+    # Dispatched a moment ago: waiting for its claim, not unclaimed.
+    waiting = enqueue(AgentFactory())
+    services.job_dispatch_next(backend=backend)
+    # Dispatch failing: the backend refused the latest try.
+    backend.fail_next = 1
+    failing = enqueue(AgentFactory())
+    services.job_dispatch_next(backend=backend)
+    # Failed once, then dispatched: not failing any more.
+    backend.fail_next = 1
+    recovered = enqueue(AgentFactory())
+    services.job_dispatch_next(backend=backend)
+    ProvisioningJob.objects.filter(pk=recovered.pk).update(next_attempt_at=None)
+    assert services.job_dispatch_next(backend=backend).pk == recovered.pk
+
+    m = samples(client)
+
+    assert ProvisioningJob.objects.filter(pk=waiting.pk, status=JobStatus.QUEUED).exists()
+    assert ProvisioningJob.objects.filter(pk=failing.pk, dispatched_at=None).exists()
+    assert m[("provisioning_overdue_jobs", ())] == 1
+    assert m[("provisioning_stale_jobs", ())] == 1  # the overdue one, awaiting the sweep
+    assert m[("provisioning_unreconciled_jobs", ())] == 1  # the overdue one only
+    assert m[("provisioning_unclaimed_jobs", ())] == 1
+    assert m[("provisioning_dispatch_failing_jobs", ())] == 1
+
+
+def test_the_lifecycle_metrics_read_only_in_flight_or_queued_rows(client, backend, settings):
+    """Finished jobs (the bulk of a big table) never count, whatever their timestamps."""
+    from provisioning.models import JobStatus
+
+    old = timezone.now() - timedelta(days=30)
+    done, run = claimed(backend)
+    services.job_complete(job_id=done.pk, run=run, server_id="1", ipv4="203.0.113.1")
+    ProvisioningJob.objects.filter(pk=done.pk).update(claimed_at=old, reconciled_at=None)
+    assert ProvisioningJob.objects.get(pk=done.pk).status == JobStatus.RUNNING
+
+    m = samples(client)
+
+    assert m[("provisioning_overdue_jobs", ())] == 0
+    assert m[("provisioning_unreconciled_jobs", ())] == 0
