@@ -1,19 +1,44 @@
-"""Agents with their jobs, and the append-only job-event log; both read-only."""
+"""Agents with their jobs, and the append-only job-event log; both read-only.
+
+The one operator action here, "End agent (deprovision)", calls services.agent_end per agent as
+`operator:<username>` after a confirmation page that asks why (the reason is recorded on the
+agent and in the deprovision job's history).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.db.models import OuterRef, QuerySet, Subquery
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from provisioning import services
 from provisioning.admin import search
 from provisioning.admin.common import EstimatedCountPaginator, ReadOnlyAdmin, ago, run_link
-from provisioning.models import Agent, JobEvent, JobStatus, ProvisioningJob
+from provisioning.admin.jobs import _level, _skip_reason, action_report
+from provisioning.errors import ProvisioningError
+from provisioning.models import Actor, Agent, JobEvent, JobStatus, ProvisioningJob
+
+# Ending is irreversible and deletes VMs: a handful at a time, never "select all 90,000".
+MAX_END_AGENTS = 100
+
+
+class EndAgentForm(forms.Form):
+    reason = forms.CharField(
+        max_length=200,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
+        help_text="Recorded on each agent and in its deprovision job's history.",
+    )
 
 
 def _job_link(job_id: Any) -> SafeString:
@@ -109,6 +134,7 @@ class AgentAdmin(ReadOnlyAdmin):
         "Agent id (full or first 8), Checkout session (cs_…), agent name or customer email."
     )
     inlines = [AgentJobInline]
+    actions = ["end_agents"]
     fieldsets = [
         (None, {"fields": ["id", "name", "owner_email", "region", "state", "created_at"]}),
         ("Server", {"fields": ["server_name", "server_id", "ipv4"]}),
@@ -140,6 +166,60 @@ class AgentAdmin(ReadOnlyAdmin):
     ) -> tuple[QuerySet[Any], bool]:
         return search.apply(queryset, search_term, search.agent_term), False
 
+    def has_end_agent_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(f"{self.opts.app_label}.end_agent")
+
+    @admin.action(description="End agent (deprovision)…", permissions=["end_agent"])
+    def end_agents(self, request: HttpRequest, queryset: QuerySet[Any]) -> HttpResponse | None:
+        agents = list(
+            queryset.select_related("owner").order_by("-created_at")[: MAX_END_AGENTS + 1]
+        )
+        if len(agents) > MAX_END_AGENTS:
+            self.message_user(
+                request,
+                f"Select at most {MAX_END_AGENTS} agents to end at once; nothing was changed.",
+                messages.ERROR,
+            )
+            return None
+        form = EndAgentForm(request.POST if request.POST.get("post") == "yes" else None)
+        if not form.is_valid():
+            return self._end_confirmation(request, agents, form)
+        reason = form.cleaned_data["reason"]
+        actor = Actor.operator(request.user.get_username())
+        ended, skipped = 0, Counter[str]()
+        for agent in agents:
+            started = timezone.now()
+            try:
+                job = services.agent_end(agent_id=agent.pk, actor=actor, reason=reason)
+            except ProvisioningError as error:
+                skipped[_skip_reason(error)] += 1
+                continue
+            if job.created_at >= started:
+                ended += 1
+            else:  # agent_end is idempotent: it handed back the earlier deprovision job
+                skipped["already ended"] += 1
+        self.message_user(request, action_report("ended", ended, skipped), _level(ended, skipped))
+        return None
+
+    def _end_confirmation(
+        self, request: HttpRequest, agents: list[Agent], form: EndAgentForm
+    ) -> TemplateResponse:
+        affected = [agent for agent in agents if not agent.is_ended]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "End agents: are you sure?",
+            "subtitle": None,
+            "opts": self.opts,
+            "agents": agents,
+            "form": form,
+            "affected_count": len(affected),
+            "skipped_count": len(agents) - len(affected),
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            "media": self.media + form.media,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/provisioning/agent/end_confirmation.html", context)
+
     @admin.display(description="customer")
     def owner_email(self, agent: Agent) -> str:
         return agent.owner.email or agent.owner.get_username()
@@ -147,10 +227,14 @@ class AgentAdmin(ReadOnlyAdmin):
     @admin.display(description="state")
     def state(self, agent: Agent) -> SafeString:
         if agent.is_ended:
+            reason = agent.end_reason or "no reason recorded"
             return format_html(
-                '<span class="job-badge job-ended" title="{}">ended {} ago</span>',
-                agent.end_reason or "no reason recorded",
+                '<span class="job-badge job-ended" title="{}">ended {} ago</span>'
+                ' <span class="job-muted" title="{}">{}</span>',
+                reason,
                 ago(agent.ended_at),
+                reason,
+                reason if len(reason) <= 40 else reason[:39] + "…",
             )
         return format_html('<span class="job-badge job-active">active</span>')
 

@@ -522,3 +522,109 @@ def test_the_paginator_estimates_a_big_unfiltered_table_on_postgres(monkeypatch)
 
     assert paginator.count >= 4
     assert paginator.is_estimate
+
+
+# --- ending an agent from the console --------------------------------------------------------
+
+AGENTS = reverse("admin:provisioning_agent_changelist")
+
+
+def end(client, *agents, reason: str | None = None):
+    data = {"action": "end_agents", "_selected_action": [str(a.pk) for a in agents]}
+    if reason is None:
+        data["index"] = "0"
+    else:
+        data.update(post="yes", reason=reason)
+    return client.post(AGENTS, data, follow=True)
+
+
+@pytest.fixture
+def ender(client):
+    user = staff("erin", *VIEW_PERMS, "end_agent")
+    client.force_login(user)
+    return user
+
+
+def test_end_agent_asks_why_before_changing_anything(client, ender):
+    active = AgentFactory()
+    done = AgentFactory(ended_at=timezone.now(), end_reason="refund")
+
+    page = end(client, active, done)
+    blank = end(client, active, reason="   ")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "End agents: are you sure?" in html
+    assert 'name="reason"' in html
+    assert (page.context["affected_count"], page.context["skipped_count"]) == (1, 1)
+    assert blank.status_code == 200
+    assert blank.context["form"].errors["reason"]
+    active.refresh_from_db()
+    assert not active.is_ended
+    assert not ProvisioningJob.objects.filter(kind=JobKind.DEPROVISION).exists()
+
+
+def test_end_agent_ends_it_queues_one_deprovision_as_the_operator_and_reports(
+    client, ender, backend
+):
+    running, run = claimed(backend)
+    services.job_complete(job_id=running.pk, run=run, server_id="7", ipv4="203.0.113.7")
+    agent = running.agent
+    already = AgentFactory()
+    services.agent_end(agent_id=already.pk, actor="stripe", reason="subscription deleted")
+
+    response = end(client, agent, already, reason="customer asked by email")
+
+    assert flash(response) == ["1 ended, 1 skipped (1 already ended)."]
+    agent.refresh_from_db()
+    assert agent.is_ended
+    assert agent.end_reason == "customer asked by email"
+    deprovision = ProvisioningJob.objects.get(agent=agent, kind=JobKind.DEPROVISION)
+    assert deprovision.status == JobStatus.QUEUED
+    event = JobEvent.objects.get(job=deprovision, action=JobEvent.Action.ENQUEUE)
+    assert event.actor == "operator:erin"
+    assert "customer asked by email" in event.reason
+    assert ProvisioningJob.objects.filter(agent=already, kind=JobKind.DEPROVISION).count() == 1
+    # A second click changes nothing.
+    again = end(client, agent, reason="double click")
+    assert flash(again)[-1] == "0 ended, 1 skipped (1 already ended)."
+    assert ProvisioningJob.objects.filter(agent=agent, kind=JobKind.DEPROVISION).count() == 1
+    # The list shows it ended, with the reason.
+    listing = client.get(AGENTS).content.decode()
+    assert "customer asked by email" in listing
+    assert 'class="job-badge job-ended"' in listing
+
+
+def test_end_agent_cancels_a_build_in_flight_first(
+    client, ender, installed_backend, django_capture_on_commit_callbacks
+):
+    building, run = claimed(installed_backend)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        end(client, building.agent, reason="chargeback")
+
+    building.refresh_from_db()
+    assert (building.status, building.failed_step) == (JobStatus.FAILED, Step.CANCELLED)
+    assert run.run_id in installed_backend.cancelled
+    cancel = JobEvent.objects.get(job=building, action=JobEvent.Action.CANCEL)
+    assert cancel.actor == "operator:erin"
+
+
+def test_end_agent_needs_its_permission(client, operator):
+    """Every job permission but not end_agent: the action is neither offered nor run."""
+    agent = AgentFactory()
+
+    listing = client.get(AGENTS)
+    forced = end(client, agent, reason="trying anyway")
+
+    assert "end_agents" not in offered_actions(listing)
+    assert forced.status_code == 200
+    agent.refresh_from_db()
+    assert not agent.is_ended
+    assert not ProvisioningJob.objects.filter(agent=agent).exists()
+
+
+def test_end_agent_is_offered_with_its_permission(client, ender):
+    AgentFactory()
+
+    assert "end_agents" in offered_actions(client.get(AGENTS))
