@@ -151,7 +151,8 @@ class JobCollector(Collector):
 
     def _lifecycle(self, now: datetime) -> Iterator[Any]:
         # Each reads provisioning rows (job_in_flight) or queued rows (job_queued_fifo) only, the
-        # queued ones with a short probe of their own events (jobevent_job_time).
+        # queued ones with a short probe of their own events (jobevent_job_time); the cleanup
+        # count reads failed rows still owing a cleanup run (job_failed_cleanup_due).
         yield GaugeMetricFamily(
             "provisioning_overdue_jobs",
             "Provisioning jobs whose attempt is older than JOB_DEADLINE_SECONDS, heartbeats or not.",
@@ -173,6 +174,11 @@ class JobCollector(Collector):
             "provisioning_dispatch_failing_jobs",
             "Queued jobs whose latest dispatch failed (JobEvent dispatch_failed).",
             value=selectors.job_list_dispatch_failing().count(),
+        )
+        yield GaugeMetricFamily(
+            "provisioning_cleanup_due_jobs",
+            "Failed provisions that were claimed and still owe their cleanup run (mode: cleanup).",
+            value=selectors.job_list_cleanup_due().count(),
         )
 
     def _outcomes(self, now: datetime) -> Iterator[Any]:

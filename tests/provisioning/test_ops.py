@@ -225,6 +225,18 @@ def test_metrics_count_overdue_unreconciled_unclaimed_and_dispatch_failing_jobs(
     assert m[("provisioning_dispatch_failing_jobs", ())] == 1
 
 
+def test_metrics_count_failed_provisions_owing_their_cleanup_run(client, backend):
+    job, run = claimed(backend)
+    ProvisioningJob.objects.filter(pk=job.pk).update(max_retries=0)
+    services.job_fail(job_id=job.pk, run=run, error="boom", failed_step=Step.CONFIGURE)
+
+    owed = samples(client)[("provisioning_cleanup_due_jobs", ())]
+    services.job_send_cleanup(backend=backend)
+    after = samples(client)[("provisioning_cleanup_due_jobs", ())]
+
+    assert (owed, after) == (1, 0)
+
+
 def test_the_lifecycle_metrics_read_only_in_flight_or_queued_rows(client, backend, settings):
     """Finished jobs (the bulk of a big table) never count, whatever their timestamps."""
     from provisioning.models import JobStatus
