@@ -519,7 +519,11 @@ def job_heartbeat(
         with transaction.atomic():
             # Only the call that actually changes the step writes the STEP event: two heartbeats
             # announcing the same new step at once make one event, not two.
-            if ProvisioningJob.objects.filter(fence).exclude(step=step).update(step=step, **changes):
+            if (
+                ProvisioningJob.objects.filter(fence)
+                .exclude(step=step)
+                .update(step=step, **changes)
+            ):
                 job = ProvisioningJob.objects.get(pk=job_id)
                 _event(
                     job,
