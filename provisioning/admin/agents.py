@@ -236,7 +236,7 @@ class AgentAdmin(ReadOnlyAdmin):
                 reason,
                 reason if len(reason) <= 40 else reason[:39] + "…",
             )
-        return format_html('<span class="job-badge job-active">active</span>')
+        return format_html('<span class="job-badge job-active">{}</span>', "active")
 
     @admin.display(description="latest job")
     def latest_job(self, agent: Agent) -> SafeString | str:
