@@ -451,3 +451,25 @@ def test_an_earlier_unmatched_refund_of_the_same_customer_is_not_a_reason_to_end
 
     assert not Agent.objects.get().is_ended
     assert not UnmatchedEndingEvent.objects.get().is_resolved
+
+
+def test_an_unmatched_ending_event_shows_in_admin_and_can_be_resolved(deliver, admin_client):
+    paid_agent(stripe_subscription_id="sub_a")
+    paid_agent(stripe_subscription_id="sub_b")
+    deliver(load("charge.refunded__full"))
+    row = UnmatchedEndingEvent.objects.get()
+
+    changelist = admin_client.get(
+        "/admin/billing/unmatchedendingevent/", {"state": "open", "reason": "several_agents"}
+    )
+    detail = admin_client.get(f"/admin/billing/unmatchedendingevent/{row.pk}/change/")
+    resolved = admin_client.post(
+        "/admin/billing/unmatchedendingevent/",
+        {"action": "mark_resolved", "_selected_action": [row.pk]},
+    )
+
+    assert changelist.status_code == 200 and row.stripe_event_id in changelist.content.decode()
+    assert detail.status_code == 200 and "matches 2 agents" in detail.content.decode()
+    assert resolved.status_code == 302
+    row.refresh_from_db()
+    assert row.is_resolved and row.resolved_by is not None
