@@ -61,6 +61,8 @@ class StrictIPv4Field(serializers.IPAddressField):
     def to_internal_value(self, data: Any) -> str:
         if not isinstance(data, str):
             self.fail("invalid")
+        if data == "" and self.allow_blank:
+            return ""
         return super().to_internal_value(data)
 
 
@@ -223,8 +225,9 @@ class JobHeartbeatApi(WorkflowRunApi):
 
 class JobCompleteApi(WorkflowRunApi):
     class InputSerializer(serializers.Serializer):
-        server_id = StrictCharField(max_length=64)
-        ipv4 = StrictIPv4Field(protocol="IPv4")
+        # Blank only for a deprovision (the VM is gone); the service refuses a blank provision.
+        server_id = StrictCharField(max_length=64, allow_blank=True)
+        ipv4 = StrictIPv4Field(protocol="IPv4", allow_blank=True)
         server_name = StrictCharField(max_length=128, required=False, allow_blank=True)
 
         class Meta:

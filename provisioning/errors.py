@@ -92,3 +92,13 @@ class AgentEnded(ProvisioningError):
 
     def __init__(self) -> None:
         super().__init__("This agent has ended; it cannot be provisioned again.")
+
+
+class IncompleteReport(ProvisioningError):
+    """A provision reported done without the server it made."""
+
+    code = "invalid"
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)

@@ -32,6 +32,7 @@ from provisioning.errors import (
     AgentEnded,
     DispatchPending,
     FencedOut,
+    IncompleteReport,
     InvalidTransition,
     JobNotFound,
     ProvisioningError,
@@ -549,6 +550,11 @@ def job_complete(
     now = timezone.now()
     with transaction.atomic():
         _spend_token(run, job_id=job_id)
+        if (
+            not (server_id and ipv4)
+            and ProvisioningJob.objects.filter(pk=job_id, kind=JobKind.PROVISION).exists()
+        ):
+            raise IncompleteReport("A provision completes with its server_id and ipv4.")
         done = ProvisioningJob.objects.filter(_fenced(job_id, run)).update(
             status=JobStatus.RUNNING,
             completed_at=now,

@@ -30,15 +30,6 @@ pytestmark = [
     # dj-stripe's tables are not flushed (seconds per test): the `webhook` fixture removes the
     # rows it made itself.
     pytest.mark.django_db(transaction=True, available_apps=E2E_APPS),
-    # Known gap outside billing: POST /api/v1/jobs/{id}/complete requires a non-blank server_id
-    # and a valid ipv4 (provisioning/apis.py JobCompleteApi.InputSerializer), while a deprovision
-    # run reports `server_id=""`, `ipv4=""` (the VM is gone); the API answers 400 and the
-    # deprovision job is retried until it fails. With `allow_blank=True` on both fields these
-    # tests pass. Strict: once that is fixed they XPASS and fail here, so remove this mark.
-    pytest.mark.xfail(
-        strict=True,
-        reason="job complete API refuses the blank server_id/ipv4 a deprovision run sends",
-    ),
 ]
 
 TEST_SECRET_KEY = "sk_test_e2eDeprovisionOnlyNotAStripeKey000"

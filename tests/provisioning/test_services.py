@@ -12,6 +12,7 @@ from provisioning.errors import (
     PROVISION_IN_PROGRESS_MESSAGE,
     DispatchPending,
     FencedOut,
+    IncompleteReport,
     InvalidTransition,
     JobNotFound,
     ProvisionInProgress,
@@ -666,3 +667,12 @@ def test_a_deprovision_completes_by_clearing_the_server(backend):
     assert (job.agent.server_id, job.agent.ipv4) == ("", None)
     with pytest.raises(Exception, match="ended"):
         services.job_reprovision(agent=job.agent)
+
+
+def test_a_provision_cannot_complete_without_its_server(backend):
+    job, run = claimed(backend)
+
+    with pytest.raises(IncompleteReport):
+        services.job_complete(job_id=job.pk, run=run, server_id="", ipv4="")
+
+    assert ProvisioningJob.objects.get(pk=job.pk).status == JobStatus.PROVISIONING
