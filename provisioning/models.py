@@ -121,7 +121,8 @@ class Agent(models.Model):
     stripe_checkout_session_id = models.CharField(
         max_length=255, unique=True, null=True, blank=True
     )
-    stripe_customer_id = models.CharField(max_length=255, blank=True, default="")
+    # Indexed: refunds and disputes find their agent by the Stripe customer.
+    stripe_customer_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
     stripe_subscription_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
     # Filled by the successful provision.
     server_id = models.CharField(max_length=64, blank=True, default="")
