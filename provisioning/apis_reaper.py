@@ -13,21 +13,18 @@ from typing import Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import exceptions, serializers
-from rest_framework.authentication import get_authorization_header
+from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from provisioning import oidc, reaper
+from provisioning import reaper
 from provisioning.apis import ErrorSerializer, StrictCharField, ValidationErrorSerializer
 from provisioning.apis import WorkflowRunApi as _WorkflowRunApi
 from provisioning.authentication import (
-    KeySetUnavailable,
-    WorkflowRun,
     WorkflowRunAuthentication,
 )
 from provisioning.models import Actor
-from provisioning.oidc import RunIdentity, TokenInvalid
+from provisioning.oidc import RunIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -36,39 +33,9 @@ MAX_SERVERS = 1000
 
 
 class ReaperRunAuthentication(WorkflowRunAuthentication):
-    """`WorkflowRunAuthentication` for the reaper's events (`schedule`, `workflow_dispatch`).
-
-    The parent verifies with the callbacks' fixed event list and offers no parameter, so this
-    repeats its header handling with `allowed_events`; every other check is the same function.
-    """
+    """The callbacks' token checks, for the reaper's events (`schedule`, manual `workflow_dispatch`)."""
 
     allowed_events: tuple[str, ...] = REAPER_EVENTS
-
-    def authenticate(self, request: Request) -> tuple[WorkflowRun, RunIdentity] | None:
-        parts = get_authorization_header(request).split()
-        if not parts or parts[0].lower() != self.keyword.lower().encode():
-            return None  # anonymous: IsWorkflowRun answers 401
-        if len(parts) != 2:
-            raise exceptions.AuthenticationFailed(
-                "Workflow token refused: the Authorization header must be 'Bearer <token>'.",
-                code="invalid_token",
-            )
-        try:
-            token = parts[1].decode("ascii")
-        except UnicodeDecodeError:
-            raise exceptions.AuthenticationFailed(
-                "Workflow token refused: malformed token.", code="invalid_token"
-            ) from None
-        try:
-            identity = oidc.verify_run_token(token, allowed_events=self.allowed_events)
-        except TokenInvalid as exc:
-            if exc.reason == "key set unavailable":
-                raise KeySetUnavailable() from exc
-            logger.info("reaper token refused: %s", exc)
-            raise exceptions.AuthenticationFailed(
-                f"Workflow token refused: {exc.reason}.", code="invalid_token"
-            ) from exc
-        return WorkflowRun(identity), identity
 
 
 class ReaperRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]

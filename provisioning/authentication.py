@@ -51,6 +51,8 @@ class WorkflowRun:
 
 class WorkflowRunAuthentication(BaseAuthentication):
     keyword = "Bearer"
+    # The events whose runs may call: the callbacks only serve dispatched runs.
+    allowed_events: tuple[str, ...] = ("workflow_dispatch",)
 
     def authenticate(self, request: Request) -> tuple[WorkflowRun, RunIdentity] | None:
         parts = get_authorization_header(request).split()
@@ -68,7 +70,7 @@ class WorkflowRunAuthentication(BaseAuthentication):
                 "Workflow token refused: malformed token.", code="invalid_token"
             ) from None
         try:
-            identity = oidc.verify_run_token(token)
+            identity = oidc.verify_run_token(token, allowed_events=self.allowed_events)
         except TokenInvalid as exc:
             if exc.reason == "key set unavailable":
                 raise KeySetUnavailable() from exc
