@@ -32,10 +32,23 @@ from bench.reliability.stack import Stack
 FIGURES: list[str] = []
 
 
+FIGURES_FILE = Path(
+    os.environ.get(
+        "RELIABILITY_FIGURES_FILE",
+        Path(__file__).resolve().parents[2] / "var" / "reliability-figures.log",
+    )
+)
+
+
 def figure(line: str) -> None:
-    """Record a line for the end-of-run summary (and print it now, for -s)."""
+    """Record a line for the end-of-run summary, print it now (for -s) and append it to
+    FIGURES_FILE (var/reliability-figures.log), so an interrupted run keeps its figures."""
     FIGURES.append(line)
     print(line, flush=True)
+    with contextlib.suppress(OSError):
+        FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
+        with FIGURES_FILE.open("a") as out:
+            out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
