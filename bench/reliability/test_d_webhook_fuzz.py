@@ -83,7 +83,9 @@ def test_malformed_forged_and_stale_webhooks_are_refused(stack, make_users):
     def tampered(event: dict, name: str) -> tuple[str, bytes, str | None]:
         body = checks.encode(event)
         header = checks.sign(body)
-        event["data"]["object"]["metadata"]["agent_name"] = name + "!"
+        metadata = event["data"]["object"]["metadata"]
+        changed = name + "!"
+        metadata["agent_name"] = changed if changed != metadata["agent_name"] else changed + "!"
         return "tampered", checks.encode(event), header
 
     def wrong_scheme(event: dict, scheme: str) -> tuple[str, bytes, str | None]:
