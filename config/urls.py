@@ -4,9 +4,13 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from billing.webhook import StripeWebhookView
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    # dj-stripe's webhook view behind a body check (billing/webhook.py); same path and name.
+    path("stripe/webhook/<uuid:uuid>/", StripeWebhookView.as_view(), name="stripe-webhook"),
     path("stripe/", include("djstripe.urls", namespace="djstripe")),
     path("billing/", include("billing.urls")),
     path("api/v1/", include("provisioning.urls")),

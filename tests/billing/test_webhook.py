@@ -167,6 +167,11 @@ def _refusals() -> list[Any]:
         ),
         pytest.param({"tamper": True}, 400, id="body-altered-after-signing"),
         pytest.param({"body": b'{"id": "evt_1", "livemode": false,'}, 400, id="malformed-json"),
+        # Valid JSON that is not an object: dj-stripe itself would crash (500) on these.
+        pytest.param({"body": b"5"}, 400, id="json-number"),
+        pytest.param({"body": b"null"}, 400, id="json-null"),
+        pytest.param({"body": b"false"}, 400, id="json-false"),
+        pytest.param({"body": b'["evt_1"]'}, 400, id="json-array"),
         pytest.param(
             {
                 "secret": "whsec_attacker",

@@ -1,0 +1,28 @@
+"""The Stripe webhook door: dj-stripe's view, behind one check dj-stripe lacks.
+
+dj-stripe's trigger validation assumes the body is a JSON object (`"id" not in data`); a scalar
+body (`5`, `null`, `false`) raises TypeError inside it and answers 500, which Stripe would retry
+and monitoring would page on. Every real Stripe event is an object, so anything else is refused
+here with 400 before dj-stripe stores or validates anything.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from djstripe.views import ProcessWebhookView
+
+
+class StripeWebhookView(ProcessWebhookView):
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            payload = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError):
+            return HttpResponseBadRequest("The webhook body is not valid JSON.")
+        if not isinstance(payload, dict):
+            return HttpResponseBadRequest(
+                "The webhook body must be a JSON object (a Stripe event)."
+            )
+        return super().post(request, *args, **kwargs)
