@@ -43,6 +43,7 @@ def job_list_stale(
     silent_since = Coalesce("last_heartbeat_at", "claimed_at", "updated_at")
     return (
         ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING)
+        .order_by()  # no Meta.ordering: the planner should use job_in_flight, not job_status_newest
         .alias(silent_since=silent_since)
         .filter(
             Q(silent_since__lt=now - timedelta(seconds=timeout))

@@ -207,10 +207,7 @@ def job_enqueue(
     A payment is never refused: if the customer already has work in flight, this job waits in
     `queued` until dispatch reaches it. Dispatch happens after commit.
     """
-    if stripe_event_id:
-        existing = selectors.job_get_by_stripe_event_id(stripe_event_id=stripe_event_id)
-        if existing is not None:
-            return existing
+    # No look-up first: the unique stripe_event_id decides, and a redelivery lands in the except.
     try:
         with transaction.atomic():
             job = ProvisioningJob.objects.create(
@@ -289,7 +286,8 @@ def job_dispatch_next(
         )
         if job is None:
             return None
-        previous_run = job.workflow_run_id
+        # Set only when this is a re-send of an unclaimed dispatch of the same attempt.
+        previous_run = job.workflow_run_id if job.dispatched_at else None
         ProvisioningJob.objects.filter(pk=job.pk).update(
             dispatched_at=now, workflow_run_id=None, run_attempt=None, updated_at=now
         )
@@ -318,12 +316,16 @@ def job_dispatch_next(
                     else f"Run requested via {backend.name}; its id will be looked up at claim"
                 ),
             )
+    # Runs nobody should wait for: the unclaimed one this dispatch replaces, and the new one if the
+    # job was cancelled or moved on while we talked to the backend. Best effort: both are fenced.
+    orphans = [previous_run] if previous_run and recorded else []
     if not recorded and result.run_id:
-        # The job was cancelled or moved on while we talked to the backend: stop the new run.
+        orphans.append(result.run_id)
+    for orphan in orphans:
         try:
-            backend.cancel_run(run_id=result.run_id)
+            backend.cancel_run(run_id=orphan)
         except Exception:
-            logger.exception("could not cancel orphan run %s", result.run_id)
+            logger.exception("could not cancel superseded run %s", orphan)
     job.refresh_from_db()
     return job
 
@@ -696,6 +698,13 @@ def job_timeout_if_stale(*, job_id: UUID | str, now: datetime | None = None) -> 
     never times out. Returns True if this call timed the job out.
     """
     now = now or timezone.now()
+    # Status reads call this on every poll: decide on a plain read first, lock only a likely timeout.
+    seen = ProvisioningJob.objects.filter(pk=job_id, status=JobStatus.PROVISIONING).first()
+    if seen is None or not (
+        seen.is_stale(now=now, timeout_seconds=settings.JOB_TIMEOUT_SECONDS)
+        or seen.is_past_deadline(now=now, deadline_seconds=settings.JOB_DEADLINE_SECONDS)
+    ):
+        return False
     with transaction.atomic():
         job = ProvisioningJob.objects.select_for_update().filter(pk=job_id).first()
         if job is None or job.status != JobStatus.PROVISIONING:

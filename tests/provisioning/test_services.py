@@ -176,6 +176,7 @@ def test_an_unclaimed_dispatch_is_due_again_after_the_claim_window(backend, sett
     assert again is not None and again.pk == job.pk
     assert again.workflow_run_id != old_run.run_id and again.retry_count == 0
     assert again.attempt == 1
+    assert backend.cancelled == [old_run.run_id]  # the unclaimed run is stopped
     # The first run arriving late is fenced out (409), not treated as a stranger (403).
     with pytest.raises(FencedOut):
         services.job_claim(job_id=job.pk, attempt=1, run=old_run)
