@@ -326,7 +326,10 @@ def job_dispatch_next(
             backend.cancel_run(run_id=orphan)
         except Exception:
             logger.exception("could not cancel superseded run %s", orphan)
-    job.refresh_from_db()
+    if recorded:  # we know what the row holds now; no read back
+        job.dispatched_at, job.workflow_run_id, job.run_attempt = now, result.run_id, None
+    else:
+        job.refresh_from_db()
     return job
 
 
