@@ -3,7 +3,9 @@
 dj-stripe's trigger validation assumes the body is a JSON object (`"id" not in data`); a scalar
 body (`5`, `null`, `false`) raises TypeError inside it and answers 500, which Stripe would retry
 and monitoring would page on. Every real Stripe event is an object, so anything else is refused
-here with 400 before dj-stripe stores or validates anything.
+here with 400 before dj-stripe stores or validates anything. So is a NUL character anywhere in the
+headers or the body: dj-stripe stores both, PostgreSQL refuses NUL in text and jsonb (another 500),
+and no Stripe event or signature ever contains one; a signature header must be ASCII.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from djstripe.views import ProcessWebhookView
 
 class StripeWebhookView(ProcessWebhookView):
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not request.headers.get("Stripe-Signature", "").isascii():
+            return HttpResponseBadRequest("The Stripe-Signature header is malformed.")
+        if (
+            b"\x00" in request.body
+            or b"\\u0000" in request.body.lower()
+            or any("\x00" in value for value in request.headers.values())
+        ):
+            return HttpResponseBadRequest("The webhook request contains NUL characters.")
         try:
             payload = json.loads(request.body)
         except (ValueError, UnicodeDecodeError):

@@ -172,6 +172,10 @@ def _refusals() -> list[Any]:
         pytest.param({"body": b"null"}, 400, id="json-null"),
         pytest.param({"body": b"false"}, 400, id="json-false"),
         pytest.param({"body": b'["evt_1"]'}, 400, id="json-array"),
+        # NUL characters: PostgreSQL refuses them in the rows dj-stripe writes (another 500).
+        pytest.param({"body": b'{"id": "evt_\\u0000"}'}, 400, id="json-nul-escape"),
+        pytest.param({"signature": "t=1,v1=00\x00"}, 400, id="nul-in-signature-header"),
+        pytest.param({"signature": "t=1,v1=\u00e9"}, 400, id="non-ascii-signature-header"),
         pytest.param(
             {
                 "secret": "whsec_attacker",
