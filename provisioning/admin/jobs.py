@@ -25,7 +25,7 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from django.utils.safestring import SafeString
+from django.utils.safestring import SafeString, mark_safe
 
 from provisioning import selectors, services
 from provisioning.admin import search
@@ -258,7 +258,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
     @admin.display(description="agent")
     def agent_link(self, job: ProvisioningJob) -> SafeString:
         url = reverse("admin:provisioning_agent_change", args=[job.agent_id])
-        ended = format_html(' <span class="job-muted">(ended)</span>') if job.agent.is_ended else ""
+        ended = mark_safe(' <span class="job-muted">(ended)</span>') if job.agent.is_ended else ""  # noqa: S308 (constant)
         return format_html('<a href="{}">{}</a>{}', url, job.agent.name, ended)
 
     @admin.display(description="customer")
