@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
+import stripe
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -288,7 +289,11 @@ def agent_buy(request: HttpRequest) -> HttpResponse:
                 success_url=request.build_absolute_uri(reverse("dashboard:agent-list")),
                 cancel_url=request.build_absolute_uri(reverse("dashboard:agent-buy")),
             )
-        except Exception:
+        except billing_services.PurchaseInvalid as exc:
+            # The form and billing disagree about a name or region: the customer can fix it.
+            form.add_error(None, str(exc))
+            status = 400
+        except stripe.StripeError:
             # Stripe unreachable or refusing: say so plainly and keep what they typed.
             logger.exception("checkout session for user %s could not be created", request.user.pk)
             form.add_error(None, CHECKOUT_UNAVAILABLE_MESSAGE)
