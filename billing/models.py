@@ -8,30 +8,12 @@ from django.db import models
 from django.db.models import Q
 
 
-class UnfulfillableReason(models.TextChoices):
-    UNKNOWN_CUSTOMER = "unknown_customer", "Unknown customer"
-    BAD_METADATA = "bad_metadata", "Missing or invalid metadata"
-    WRONG_MODE = "wrong_mode", "Not a subscription checkout"
-    WRONG_LIVEMODE = "wrong_livemode", "Live/test mode mismatch"
-    WRONG_PRICE = "wrong_price", "Amount or currency is not our price"
-    AGENT_CONFLICT = "agent_conflict", "Agent for this session exists for another customer"
-
-
-class UnfulfillablePayment(models.Model):
-    """A paid Stripe event we could not turn into an agent: an operator's turn.
-
-    Recording it answers Stripe with 200 (retrying a permanent error for days helps nobody); the
-    row is what keeps the payment from being silently dropped. One row per event: a redelivery
-    of the same event finds it and adds nothing.
-    """
+class OperatorCase(models.Model):
+    """A Stripe event we answered 200 but could not act on: kept, with its payload, until an
+    operator resolves it. One row per event (the unique id): a redelivery adds nothing."""
 
     stripe_event_id = models.CharField(max_length=255, unique=True)
     event_type = models.CharField(max_length=100)
-    checkout_session_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
-    # client_reference_id as Stripe sent it (our user's pk, when the session is ours).
-    customer_reference = models.CharField(max_length=255, blank=True, default="")
-    stripe_customer_id = models.CharField(max_length=255, blank=True, default="")
-    reason = models.CharField(max_length=32, choices=UnfulfillableReason)
     detail = models.TextField(blank=True, default="")
     payload = models.JSONField(default=dict)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -47,6 +29,40 @@ class UnfulfillablePayment(models.Model):
     note = models.TextField(blank=True, default="")
 
     class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return f"{self.stripe_event_id} ({self.get_reason_display()})"  # type: ignore[attr-defined]
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.resolved_at is not None
+
+
+class UnfulfillableReason(models.TextChoices):
+    UNKNOWN_CUSTOMER = "unknown_customer", "Unknown customer"
+    BAD_METADATA = "bad_metadata", "Missing or invalid metadata"
+    WRONG_MODE = "wrong_mode", "Not a subscription checkout"
+    WRONG_LIVEMODE = "wrong_livemode", "Live/test mode mismatch"
+    WRONG_PRICE = "wrong_price", "Amount or currency is not our price"
+    AGENT_CONFLICT = "agent_conflict", "Agent for this session exists for another customer"
+
+
+class UnfulfillablePayment(OperatorCase):
+    """A paid Stripe event we could not turn into an agent: an operator's turn.
+
+    Recording it answers Stripe with 200 (retrying a permanent error for days helps nobody); the
+    row is what keeps the payment from being silently dropped. One row per event: a redelivery
+    of the same event finds it and adds nothing.
+    """
+
+    checkout_session_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    # client_reference_id as Stripe sent it (our user's pk, when the session is ours).
+    customer_reference = models.CharField(max_length=255, blank=True, default="")
+    stripe_customer_id = models.CharField(max_length=255, blank=True, default="")
+    reason = models.CharField(max_length=32, choices=UnfulfillableReason)
+
+    class Meta(OperatorCase.Meta):
         ordering = ["-created_at"]
         constraints = [
             models.CheckConstraint(
@@ -63,20 +79,13 @@ class UnfulfillablePayment(models.Model):
             ),
         ]
 
-    def __str__(self) -> str:
-        return f"{self.stripe_event_id} ({self.get_reason_display()})"
-
-    @property
-    def is_resolved(self) -> bool:
-        return self.resolved_at is not None
-
 
 class UnmatchedReason(models.TextChoices):
     NO_AGENT = "no_agent", "No agent matches"
     SEVERAL_AGENTS = "several_agents", "Several agents match"
 
 
-class UnmatchedEndingEvent(models.Model):
+class UnmatchedEndingEvent(OperatorCase):
     """A Stripe event that should end an agent (subscription deleted, full refund, dispute) but
     does not name exactly one agent: an operator's turn.
 
@@ -85,8 +94,6 @@ class UnmatchedEndingEvent(models.Model):
     same way). One row per event: a redelivery finds it and adds nothing.
     """
 
-    stripe_event_id = models.CharField(max_length=255, unique=True)
-    event_type = models.CharField(max_length=100)
     # The event's object: sub_…, ch_… or dp_…
     stripe_object_id = models.CharField(max_length=255, blank=True, default="")
     stripe_customer_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
@@ -94,20 +101,8 @@ class UnmatchedEndingEvent(models.Model):
     stripe_subscription_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
     stripe_charge_id = models.CharField(max_length=255, blank=True, default="")
     reason = models.CharField(max_length=32, choices=UnmatchedReason)
-    detail = models.TextField(blank=True, default="")
-    payload = models.JSONField(default=dict)
-    created_at = models.DateTimeField(auto_now_add=True)
-    resolved_at = models.DateTimeField(null=True, blank=True)
-    resolved_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        on_delete=models.SET_NULL,
-        null=True,
-        blank=True,
-        related_name="+",
-    )
-    note = models.TextField(blank=True, default="")
 
-    class Meta:
+    class Meta(OperatorCase.Meta):
         ordering = ["-created_at"]
         constraints = [
             models.CheckConstraint(
@@ -122,13 +117,6 @@ class UnmatchedEndingEvent(models.Model):
                 name="unmatched_ending_open_newest",
             ),
         ]
-
-    def __str__(self) -> str:
-        return f"{self.stripe_event_id} ({self.get_reason_display()})"
-
-    @property
-    def is_resolved(self) -> bool:
-        return self.resolved_at is not None
 
 
 class KnownCharge(models.Model):
