@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from billing import ending, services
+from billing import services
 from billing.models import UnfulfillablePayment, UnmatchedEndingEvent
 
 
@@ -66,7 +66,7 @@ class UnfulfillablePaymentAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.action(description="Mark selected payments resolved", permissions=["change"])
     def mark_resolved(self, request: HttpRequest, queryset: QuerySet[UnfulfillablePayment]) -> None:
         rows = list(queryset)
-        done = sum(services.unfulfillable_resolve(payment=row, by=request.user) for row in rows)
+        done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
         self.message_user(request, f"Resolved {done} of {len(rows)} payments.")
 
 
@@ -117,5 +117,5 @@ class UnmatchedEndingEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.action(description="Mark selected events resolved", permissions=["change"])
     def mark_resolved(self, request: HttpRequest, queryset: QuerySet[UnmatchedEndingEvent]) -> None:
         rows = list(queryset)
-        done = sum(ending.unmatched_resolve(row=row, by=request.user) for row in rows)
+        done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
         self.message_user(request, f"Resolved {done} of {len(rows)} events.")

@@ -332,11 +332,3 @@ def end_if_already_cancelled(*, agent: Agent) -> EndingResult | None:
         note=f"Ended agent {agent.pk} when its purchase arrived after this event.",
     )
     return result
-
-
-def unmatched_resolve(*, row: UnmatchedEndingEvent, by: Any, note: str = "") -> bool:
-    """Mark an unmatched ending event handled by an operator. False if it already was."""
-    updated = UnmatchedEndingEvent.objects.filter(pk=row.pk, resolved_at__isnull=True).update(
-        resolved_at=timezone.now(), resolved_by=by, note=note or row.note
-    )
-    return updated == 1

@@ -26,7 +26,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing import ending
-from billing.models import UnfulfillablePayment, UnfulfillableReason
+from billing.models import OperatorCase, UnfulfillablePayment, UnfulfillableReason
 from provisioning import services as provisioning_services
 from provisioning.models import Agent, Region
 
@@ -302,12 +302,15 @@ def unfulfillable_record(
         return UnfulfillablePayment.objects.get(stripe_event_id=event_id)
 
 
-def unfulfillable_resolve(*, payment: UnfulfillablePayment, by: Any, note: str = "") -> bool:
-    """Mark an unfulfillable payment handled by an operator. False if it already was."""
-    updated = UnfulfillablePayment.objects.filter(pk=payment.pk, resolved_at__isnull=True).update(
-        resolved_at=timezone.now(),
-        resolved_by=by,
-        note=note or payment.note,
+def operator_case_resolve(*, case: OperatorCase, by: Any, note: str = "") -> bool:
+    """Mark an operator case (unfulfillable payment, unmatched ending event) handled.
+
+    One conditional UPDATE: False if it already was resolved (two operators at once: one wins).
+    """
+    updated = (
+        type(case)
+        .objects.filter(pk=case.pk, resolved_at__isnull=True)
+        .update(resolved_at=timezone.now(), resolved_by=by, note=note or case.note)
     )
     return updated == 1
 
