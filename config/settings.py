@@ -200,13 +200,14 @@ WORKER_INTERVAL_SECONDS = env.float("WORKER_INTERVAL_SECONDS", default=5.0)
 JOB_DEADLINE_SECONDS = env.int("JOB_DEADLINE_SECONDS", default=3600)
 # How often the worker asks the runner backend (GitHub) about in-flight runs, per job.
 RECONCILE_INTERVAL_SECONDS = env.int("RECONCILE_INTERVAL_SECONDS", default=300)
+# The reaper leaves a labelled VM younger than this alone (its job may not be recorded yet).
+REAPER_GRACE_SECONDS = env.int("REAPER_GRACE_SECONDS", default=1800)
+# How often the customer's agent page polls its status while work is active.
+DASHBOARD_POLL_SECONDS = env.int("DASHBOARD_POLL_SECONDS", default=3)
 
 PROVISIONING_RUNNER = env.str("PROVISIONING_RUNNER", default="local")
 # Dispatch right after an enqueue commits (instead of at the next worker tick). Off in tests, so
 # they dispatch explicitly.
-DISPATCH_ON_COMMIT = env.bool("DISPATCH_ON_COMMIT", default=not TESTING)
-# Hand new work to a runner right after an enqueue commits (else the worker's next tick does).
-# Off under tests, which start runs explicitly.
 DISPATCH_ON_COMMIT = env.bool("DISPATCH_ON_COMMIT", default=not TESTING)
 
 # --- GitHub (dispatch with a GitHub App; callbacks with Actions OIDC tokens) ------------------
@@ -236,6 +237,14 @@ PROVISIONING_OIDC_AUDIENCE = env.str("PROVISIONING_OIDC_AUDIENCE", default="agen
 PROVISIONING_OIDC_RUNNER_ENVIRONMENTS = env.list(
     "PROVISIONING_OIDC_RUNNER_ENVIRONMENTS", default=["github-hosted"]
 )
+# How long fetched signing keys are trusted, and the least time between two refetches when a
+# token names an unknown key id (so a flood of bad tokens cannot hammer the issuer).
+PROVISIONING_OIDC_JWKS_LIFESPAN_SECONDS = env.float(
+    "PROVISIONING_OIDC_JWKS_LIFESPAN_SECONDS", default=3600.0
+)
+PROVISIONING_OIDC_JWKS_REFRESH_COOLDOWN_SECONDS = env.float(
+    "PROVISIONING_OIDC_JWKS_REFRESH_COOLDOWN_SECONDS", default=30.0
+)
 
 # --- The local pipeline (make run): fakes on loopback ----------------------------------------
 LOCAL_HETZNER_URL = env.str("LOCAL_HETZNER_URL", default="http://127.0.0.1:8701/v1")
@@ -244,6 +253,10 @@ LOCAL_RUNNER_STEP_SECONDS = env.float("LOCAL_RUNNER_STEP_SECONDS", default=2.0)
 LOCAL_RUNNER_FAIL_STEP = env.str("LOCAL_RUNNER_FAIL_STEP", default="")
 LOCAL_RUNNER_KILL_AT_STEP = env.str("LOCAL_RUNNER_KILL_AT_STEP", default="")
 LOCAL_RUNNER_LOG_DIR = env.path("LOCAL_RUNNER_LOG_DIR", default=BASE_DIR / "var" / "runner-logs")
+# The command the local backend starts per run (default: this interpreter's `-m provisioning.runner`).
+LOCAL_RUNNER_COMMAND = env.list("LOCAL_RUNNER_COMMAND", default=[])
+# Extra environment for local runs (tests point the runner at their own fakes); not from the env.
+LOCAL_RUNNER_EXTRA_ENV: dict[str, str] = {}
 
 # --- Monitoring ----------------------------------------------------------------------------------
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

@@ -1,6 +1,7 @@
 """Agents, their provisioning jobs, and the jobs' audit trail.
 
-The state machine is written once, in TRANSITIONS below; services.py performs the moves.
+The state machine is written once, as named moves in provisioning/state.py; the services perform
+them.
 The invariants that must survive concurrent callers are database constraints, not Python checks.
 """
 
@@ -13,29 +14,28 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from provisioning.state import (
+    ACTIVE_STATUSES,
+    EventAction,
+    JobStatus,
+    Move,
+    can_transition,
+)
 
-class JobStatus(models.TextChoices):
-    QUEUED = "queued", "Queued"  # waiting for a runner (first try or a retry)
-    PROVISIONING = "provisioning", "Provisioning"  # claimed by one workflow run; heartbeats flow
-    RUNNING = "running", "Running"  # done: the agent's VM is up (or, for a deprovision, gone)
-    FAILED = "failed", "Failed"  # out of retries or cancelled: an operator's turn
-
-
-ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROVISIONING)
-FINAL_STATUSES = (JobStatus.RUNNING, JobStatus.FAILED)
-
-TRANSITIONS: dict[str, frozenset[str]] = {  # the only place the state machine is written
-    JobStatus.QUEUED: frozenset({JobStatus.PROVISIONING, JobStatus.FAILED}),  # claim; cancel
-    JobStatus.PROVISIONING: frozenset(
-        {JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.FAILED}  # complete; requeue; fail/cancel
-    ),
-    JobStatus.RUNNING: frozenset(),
-    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),  # operator retry only
-}
-
-
-def can_transition(current: str, new: str) -> bool:
-    return new in TRANSITIONS.get(current, frozenset())
+__all__ = [
+    "ACTIVE_STATUSES",
+    "Actor",
+    "Agent",
+    "JobEvent",
+    "JobKind",
+    "JobStatus",
+    "ProvisioningJob",
+    "Region",
+    "Step",
+    "UsedTokenId",
+    "WorkerBeat",
+    "can_transition",
+]
 
 
 class JobKind(models.TextChoices):
@@ -257,6 +257,40 @@ class ProvisioningJob(models.Model):
     def can_become(self, new: str) -> bool:
         return can_transition(self.status, new)
 
+    def allows(self, move: Move) -> bool:
+        """Whether `move` may start from this job's current state (provisioning/state.py)."""
+        return move.allows(self.status)
+
+    # What pages, the API and the admin ask instead of comparing status strings.
+    @property
+    def is_queued(self) -> bool:
+        return self.status == JobStatus.QUEUED
+
+    @property
+    def is_provisioning(self) -> bool:
+        return self.status == JobStatus.PROVISIONING
+
+    @property
+    def is_running(self) -> bool:
+        return self.status == JobStatus.RUNNING
+
+    @property
+    def is_failed(self) -> bool:
+        return self.status == JobStatus.FAILED
+
+    @property
+    def is_active(self) -> bool:
+        """Queued or provisioning: work still ahead of it."""
+        return self.status in ACTIVE_STATUSES
+
+    @property
+    def is_final(self) -> bool:
+        return not self.is_active
+
+    @property
+    def is_deprovision(self) -> bool:
+        return self.kind == JobKind.DEPROVISION
+
     @property
     def short_id(self) -> str:
         return str(self.pk)[:8]
@@ -295,21 +329,7 @@ class Actor:
 class JobEvent(models.Model):
     """Append-only history: one row per transition, dispatch and operator action. Kept forever."""
 
-    class Action(models.TextChoices):
-        ENQUEUE = "enqueue", "Enqueued"
-        DISPATCH = "dispatch", "Dispatched"
-        DISPATCH_FAILED = "dispatch_failed", "Dispatch failed"
-        CLAIM = "claim", "Claimed"
-        STEP = "step", "Step started"
-        COMPLETE = "complete", "Completed"
-        FAIL = "fail", "Failed"
-        REQUEUE = "requeue", "Requeued for retry"
-        TIMEOUT = "timeout", "Timed out"
-        CANCEL = "cancel", "Cancelled"
-        RETRY = "retry", "Retried by operator"
-        REDISPATCH = "redispatch", "Re-dispatch requested"
-        CLEANUP = "cleanup", "Cleanup run sent"
-        NOTE = "note", "Note"
+    Action = EventAction
 
     id = models.BigAutoField(primary_key=True)
     job = models.ForeignKey(ProvisioningJob, on_delete=models.CASCADE, related_name="events")

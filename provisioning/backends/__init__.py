@@ -54,7 +54,7 @@ def get_backend() -> RunnerBackend:
     global _backend
     with _lock:
         if _backend is None:
-            _backend = _build(str(getattr(settings, "PROVISIONING_RUNNER", "local")))
+            _backend = _build(settings.PROVISIONING_RUNNER)
         return _backend
 
 

@@ -125,28 +125,25 @@ class GitHubBackend:
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> GitHubBackend:
-        def setting(name: str, default: str = "") -> str:
-            return str(getattr(settings, name, default) or default)
-
         missing = [
             name
             for name in ("GITHUB_APP_ID", "GITHUB_APP_INSTALLATION_ID", "GITHUB_APP_PRIVATE_KEY")
-            if not setting(name)
+            if not getattr(settings, name)
         ]
         if missing and "private_key" not in overrides:
             raise ImproperlyConfigured(
                 f"PROVISIONING_RUNNER=github needs {', '.join(missing)} (a GitHub App)"
             )
         kwargs: dict[str, Any] = {
-            "repository": setting("GITHUB_REPOSITORY"),
-            "workflow_file": setting("GITHUB_WORKFLOW_FILE", "provision.yml"),
-            "ref": setting("GITHUB_REF", "main"),
-            "app_id": setting("GITHUB_APP_ID"),
-            "installation_id": setting("GITHUB_APP_INSTALLATION_ID"),
-            "api_url": setting("GITHUB_API_URL", "https://api.github.com"),
+            "repository": settings.GITHUB_REPOSITORY,
+            "workflow_file": settings.GITHUB_WORKFLOW_FILE,
+            "ref": settings.GITHUB_REF,
+            "app_id": settings.GITHUB_APP_ID,
+            "installation_id": settings.GITHUB_APP_INSTALLATION_ID,
+            "api_url": settings.GITHUB_API_URL,
         }
         if "private_key" not in overrides:
-            kwargs["private_key"] = _load_private_key(setting("GITHUB_APP_PRIVATE_KEY"))
+            kwargs["private_key"] = _load_private_key(settings.GITHUB_APP_PRIVATE_KEY)
         kwargs.update(overrides)
         return cls(**kwargs)
 

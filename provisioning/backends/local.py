@@ -53,11 +53,6 @@ MAX_FINISHED_RUNS = 500  # finished runs remembered for get_run
 TERMINATE_GRACE_SECONDS = 10.0
 
 
-def _setting(name: str, default: Any = None) -> Any:
-    value = getattr(settings, name, default)
-    return default if value is None else value
-
-
 @dataclass
 class _LocalRun:
     run_id: str
@@ -91,37 +86,32 @@ class LocalBackend:
     # -- configuration -----------------------------------------------------------------------------
 
     def _command(self) -> list[str]:
-        override = _setting("LOCAL_RUNNER_COMMAND")
+        override = settings.LOCAL_RUNNER_COMMAND
         if override:
             return [str(part) for part in override]
         return [sys.executable, "-m", "provisioning.runner"]
 
     def _log_dir(self) -> Path:
-        configured = _setting("LOCAL_RUNNER_LOG_DIR")
-        if configured:
-            return Path(configured)
-        return Path(_setting("BASE_DIR", Path.cwd())) / "var" / "runner-logs"
+        return Path(settings.LOCAL_RUNNER_LOG_DIR)
 
     def _environment(self, *, run_id: str, state_dir: Path) -> dict[str, str]:
         env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
-        issuer_url = str(_setting("LOCAL_OIDC_ISSUER_URL", "http://127.0.0.1:8702")).rstrip("/")
+        issuer_url = settings.LOCAL_OIDC_ISSUER_URL.rstrip("/")
         env.update(
             {
                 "PYTHONUNBUFFERED": "1",
                 "GITHUB_RUN_ID": run_id,
                 "GITHUB_RUN_ATTEMPT": "1",
-                "GITHUB_REPOSITORY": str(_setting("GITHUB_REPOSITORY", "")),
-                "PROVISIONING_API_URL": str(_setting("PUBLIC_BASE_URL", "http://127.0.0.1:8000")),
-                "PROVISIONING_OIDC_AUDIENCE": str(_setting("PROVISIONING_OIDC_AUDIENCE", "")),
+                "GITHUB_REPOSITORY": settings.GITHUB_REPOSITORY,
+                "PROVISIONING_API_URL": settings.PUBLIC_BASE_URL,
+                "PROVISIONING_OIDC_AUDIENCE": settings.PROVISIONING_OIDC_AUDIENCE,
                 "ACTIONS_ID_TOKEN_REQUEST_URL": f"{issuer_url}/token?run_id={run_id}&run_attempt=1",
-                "ACTIONS_ID_TOKEN_REQUEST_TOKEN": str(_setting("LOCAL_OIDC_REQUEST_TOKEN", "")),
+                "ACTIONS_ID_TOKEN_REQUEST_TOKEN": settings.LOCAL_OIDC_REQUEST_TOKEN,
                 "HCLOUD_TOKEN": "local-fake-token",
-                "HCLOUD_API_ENDPOINT": str(
-                    _setting("LOCAL_HETZNER_URL", "http://127.0.0.1:8701/v1")
-                ),
+                "HCLOUD_API_ENDPOINT": settings.LOCAL_HETZNER_URL,
                 "RUNNER_SIMULATE": "1",
-                "RUNNER_HEARTBEAT_SECONDS": str(_setting("LOCAL_RUNNER_HEARTBEAT_SECONDS", 2)),
-                "RUNNER_STEP_SECONDS": str(_setting("LOCAL_RUNNER_STEP_SECONDS", 2)),
+                "RUNNER_HEARTBEAT_SECONDS": str(settings.LOCAL_RUNNER_HEARTBEAT_SECONDS),
+                "RUNNER_STEP_SECONDS": str(settings.LOCAL_RUNNER_STEP_SECONDS),
                 "RUNNER_TEMP": str(state_dir),
                 "RUNNER_STATE_FILE": str(state_dir / "provision-state.json"),
             }
@@ -130,11 +120,11 @@ class LocalBackend:
             ("LOCAL_RUNNER_FAIL_STEP", "RUNNER_FAIL_STEP"),
             ("LOCAL_RUNNER_KILL_AT_STEP", "RUNNER_KILL_AT_STEP"),
         ):
-            value = _setting(setting_name, "")
+            value = getattr(settings, setting_name)
             if value:
                 env[env_name] = str(value)
         # Anything else a test or developer wants the runner to see (e.g. faster retries).
-        for name, value in dict(_setting("LOCAL_RUNNER_EXTRA_ENV", {}) or {}).items():
+        for name, value in dict(settings.LOCAL_RUNNER_EXTRA_ENV or {}).items():
             env[str(name)] = str(value)
         return env
 
@@ -170,7 +160,7 @@ class LocalBackend:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=self._environment(run_id=run_id, state_dir=state_dir),
-                    cwd=str(_setting("BASE_DIR", Path.cwd())),
+                    cwd=str(settings.BASE_DIR),
                     start_new_session=True,  # its own process group: cancel stops all of it
                     close_fds=True,
                 )
