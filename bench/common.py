@@ -170,3 +170,13 @@ def table(rows: list[Row]) -> str:
         "| " + " | ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) + " |" for b in body
     ]
     return "\n".join(lines)
+
+
+# What a production-mode (DEBUG off) process needs to start against loopback fakes: the explicit
+# loopback switch and the settings production has no defaults for (config/checks.py).
+LOOPBACK_DEPLOYMENT_ENV = {
+    "DJANGO_ALLOW_LOOPBACK_SERVICES": "1",
+    "METRICS_TOKEN": "bench-only-metrics-token",
+    "GITHUB_REPOSITORY": "example/agent-provisioning",
+    "GITHUB_REPOSITORY_ID": "100000001",
+}

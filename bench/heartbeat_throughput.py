@@ -34,12 +34,15 @@ PY = sys.executable
 
 
 def _env(database_url: str, issuer_url: str) -> dict[str, str]:
+    from bench.common import LOOPBACK_DEPLOYMENT_ENV
+
     return {
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "DJANGO_SETTINGS_MODULE": "bench.heartbeat.settings",
         "DJANGO_SECRET_KEY": "bench-only-not-secret",
         "DJANGO_DEBUG": "0",
+        **LOOPBACK_DEPLOYMENT_ENV,
         "DJANGO_SECURE_SSL_REDIRECT": "0",
         "DATABASE_URL": database_url,
         "PROVISIONING_RUNNER": "local",

@@ -30,12 +30,15 @@ KEY = "sk_test_benchOnlyNotAStripeKey000000000000"
 
 
 def _env(database_url: str) -> dict[str, str]:
+    from bench.common import LOOPBACK_DEPLOYMENT_ENV
+
     return {
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "DJANGO_SETTINGS_MODULE": "bench.webhook.settings",
         "DJANGO_SECRET_KEY": "bench-only-not-secret",
         "DJANGO_DEBUG": "0",
+        **LOOPBACK_DEPLOYMENT_ENV,
         "DJANGO_SECURE_SSL_REDIRECT": "0",
         "DATABASE_URL": database_url,
         "STRIPE_SECRET_KEY": KEY,

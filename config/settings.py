@@ -205,15 +205,23 @@ REAPER_GRACE_SECONDS = env.int("REAPER_GRACE_SECONDS", default=1800)
 # How often the customer's agent page polls its status while work is active.
 DASHBOARD_POLL_SECONDS = env.int("DASHBOARD_POLL_SECONDS", default=3)
 
-PROVISIONING_RUNNER = env.str("PROVISIONING_RUNNER", default="local")
+# Outside DEBUG (and tests) there is no default: a deployment says which runner it dispatches to.
+PROVISIONING_RUNNER = env.str("PROVISIONING_RUNNER", default="local" if DEBUG or TESTING else "")
+# Lets a production-mode deployment use loopback stand-ins (config/checks.py); tests of deployments.
+ALLOW_LOOPBACK_SERVICES = env.bool("DJANGO_ALLOW_LOOPBACK_SERVICES", default=False)
 # Dispatch right after an enqueue commits (instead of at the next worker tick). Off in tests, so
 # they dispatch explicitly.
 DISPATCH_ON_COMMIT = env.bool("DISPATCH_ON_COMMIT", default=not TESTING)
 
 # --- GitHub (dispatch with a GitHub App; callbacks with Actions OIDC tokens) ------------------
 GITHUB_API_URL = env.str("GITHUB_API_URL", default="https://api.github.com").rstrip("/")
-GITHUB_REPOSITORY = env.str("GITHUB_REPOSITORY", default="example/agent-provisioning")
-GITHUB_REPOSITORY_ID = env.str("GITHUB_REPOSITORY_ID", default="100000001")
+# Example identities for local work and tests only; production must name its repository.
+GITHUB_REPOSITORY = env.str(
+    "GITHUB_REPOSITORY", default="example/agent-provisioning" if DEBUG or TESTING else ""
+)
+GITHUB_REPOSITORY_ID = env.str(
+    "GITHUB_REPOSITORY_ID", default="100000001" if DEBUG or TESTING else ""
+)
 GITHUB_WORKFLOW_FILE = env.str("GITHUB_WORKFLOW_FILE", default="provision.yml")
 GITHUB_REF = env.str("GITHUB_REF", default="main")
 GITHUB_APP_ID = env.str("GITHUB_APP_ID", default="")

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT
+from bench.common import LOOPBACK_DEPLOYMENT_ENV, ROOT
 
 WEBHOOK_SECRET = "whsec_reliabilitySuiteOnlyNotSecret0001"
 WEBHOOK_UUID = "00000000-0000-4000-8000-0000000000a1"
@@ -90,6 +90,7 @@ class Stack:
                 # The suite's own: sessions it makes for the servers must verify there.
                 "DJANGO_SECRET_KEY": _secret_key(),
                 "DJANGO_DEBUG": "0",
+                **LOOPBACK_DEPLOYMENT_ENV,
                 "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
                 "DJANGO_SECURE_SSL_REDIRECT": "0",
                 "DJANGO_SECURE_COOKIES": "0",

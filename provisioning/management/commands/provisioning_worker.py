@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from config.checks import refuse_unsafe_production
 from provisioning.worker import Worker
 
 
@@ -31,6 +32,7 @@ class Command(BaseCommand):
         parser.add_argument("--name", default=None, help="Worker name (default: host:pid).")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        refuse_unsafe_production()
         worker = Worker(interval=options["interval"])
         if options["name"]:
             worker.name = options["name"]

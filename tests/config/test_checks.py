@@ -1,0 +1,163 @@
+"""Production fails closed: unsafe or missing settings are deploy-check errors and stop the
+web and worker processes from starting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from django.test import override_settings
+
+from config.checks import production_problems
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PRODUCTION = {
+    "DJANGO_DEBUG": "0",
+    "DJANGO_SECRET_KEY": "k3y-for-a-test-of-production-settings-0123456789-abcdefghijklmnop",
+    "DJANGO_ALLOWED_HOSTS": "agents.example.com",
+    "PUBLIC_BASE_URL": "https://agents.example.com",
+    "PROVISIONING_RUNNER": "github",
+    "GITHUB_REPOSITORY": "acme/agents",
+    "GITHUB_REPOSITORY_ID": "4242",
+    "METRICS_TOKEN": "scrape-token",
+}
+MINIMAL = {k: PRODUCTION[k] for k in ("DJANGO_DEBUG", "DJANGO_SECRET_KEY", "PUBLIC_BASE_URL")}
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # A clean environment: none of the test run's DJANGO_TESTING / defaults leak in.
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", ROOT)}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_check_deploy_with_only_a_key_and_an_https_url_fails_naming_each_missing_setting():
+    result = _run(["manage.py", "check", "--deploy"], MINIMAL)
+
+    assert result.returncode != 0
+    for name in (
+        "PROVISIONING_RUNNER",
+        "GITHUB_REPOSITORY:",
+        "GITHUB_REPOSITORY_ID",
+        "METRICS_TOKEN",
+    ):
+        assert name in result.stderr, result.stderr
+
+
+def test_check_deploy_with_a_full_production_environment_is_clean():
+    result = _run(["manage.py", "check", "--deploy"], PRODUCTION)
+
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_the_worker_refuses_to_start_with_unsafe_settings():
+    result = _run(["manage.py", "provisioning_worker", "--once"], MINIMAL)
+
+    assert result.returncode != 0
+    assert "Refusing to start" in result.stderr
+    assert "METRICS_TOKEN" in result.stderr
+
+
+def test_the_web_process_refuses_to_start_with_unsafe_settings():
+    unsafe = {**PRODUCTION, "PROVISIONING_OIDC_ISSUER": "http://token.example.com"}
+    result = _run(["-c", "import config.wsgi"], unsafe)
+
+    assert result.returncode != 0
+    assert "PROVISIONING_OIDC_ISSUER" in result.stderr
+
+
+def test_the_web_process_starts_with_safe_settings():
+    result = _run(["-c", "import config.wsgi; print('started')"], PRODUCTION)
+
+    assert result.returncode == 0, result.stderr
+    assert "started" in result.stdout
+
+
+SAFE = {
+    "DEBUG": False,
+    "ALLOW_LOOPBACK_SERVICES": False,
+    "PROVISIONING_RUNNER": "github",
+    "PROVISIONING_OIDC_ISSUER": "https://token.actions.githubusercontent.com",
+    "PROVISIONING_OIDC_JWKS_URL": "https://token.actions.githubusercontent.com/.well-known/jwks",
+    "GITHUB_REPOSITORY": "acme/agents",
+    "GITHUB_REPOSITORY_ID": "4242",
+    "METRICS_TOKEN": "scrape-token",
+    "GITHUB_API_URL": "https://api.github.com",
+    "PUBLIC_BASE_URL": "https://agents.example.com",
+    "STRIPE_API_BASE": "",
+    "BILLING_LOCAL_CHECKOUT": False,
+}
+
+
+def _problems(**changes: object) -> dict[str, str]:
+    with override_settings(**{**SAFE, **changes}):
+        return {p.setting: p.message for p in production_problems()}
+
+
+def test_safe_production_settings_have_no_problem():
+    assert _problems() == {}
+
+
+def test_debug_is_local_development_and_never_checked():
+    assert _problems(DEBUG=True, PROVISIONING_RUNNER="", METRICS_TOKEN="") == {}
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("PROVISIONING_OIDC_ISSUER", "http://127.0.0.1:8702"),
+        ("PROVISIONING_OIDC_ISSUER", "http://issuer.example.com"),
+        ("PROVISIONING_OIDC_JWKS_URL", "http://127.0.0.1:8702/.well-known/jwks"),
+        ("GITHUB_API_URL", "http://127.0.0.1:9000"),
+        ("PUBLIC_BASE_URL", "http://agents.example.com"),
+        ("STRIPE_API_BASE", "http://127.0.0.1:12111"),
+        ("BILLING_LOCAL_CHECKOUT", True),
+        ("PROVISIONING_RUNNER", "local"),
+        ("PROVISIONING_RUNNER", ""),
+    ],
+)
+def test_stand_ins_and_plain_http_are_refused_without_the_loopback_switch(setting, value):
+    assert setting in _problems(**{setting: value})
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("PROVISIONING_OIDC_ISSUER", "http://127.0.0.1:8702"),
+        ("PROVISIONING_OIDC_JWKS_URL", "http://localhost:8702/.well-known/jwks"),
+        ("GITHUB_API_URL", "http://[::1]:9000"),
+        ("PUBLIC_BASE_URL", "http://127.0.0.1:8000"),
+        ("STRIPE_API_BASE", "http://127.0.0.1:12111"),
+        ("BILLING_LOCAL_CHECKOUT", True),
+        ("PROVISIONING_RUNNER", "local"),
+    ],
+)
+def test_the_loopback_switch_allows_loopback_stand_ins(setting, value):
+    assert _problems(ALLOW_LOOPBACK_SERVICES=True, **{setting: value}) == {}
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("PROVISIONING_OIDC_ISSUER", "http://issuer.example.com"),
+        ("GITHUB_API_URL", "http://10.0.0.5"),
+        ("STRIPE_API_BASE", "https://stripe-proxy.example.com"),
+    ],
+)
+def test_the_loopback_switch_still_refuses_anything_not_on_loopback(setting, value):
+    assert setting in _problems(ALLOW_LOOPBACK_SERVICES=True, **{setting: value})
+
+
+def test_a_pinned_key_file_needs_no_url_scheme():
+    assert _problems(PROVISIONING_OIDC_JWKS_URL="/etc/agent-provisioning/jwks.json") == {}
