@@ -22,6 +22,8 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, register
 from django.core.exceptions import ImproperlyConfigured
 
+from provisioning.backends.github import load_private_key
+
 LOOPBACK_NAMES = frozenset({"localhost"})
 
 
@@ -101,6 +103,8 @@ def production_problems(config: Any = None) -> list[Problem]:
                 "config.E001",
             )
         )
+    if runner == "github":
+        found.extend(_github_app_problems(s))
     found.append(
         _url_problem(
             "PROVISIONING_OIDC_ISSUER",
@@ -145,6 +149,31 @@ def production_problems(config: Any = None) -> list[Problem]:
             )
         )
     return [p for p in found if p is not None]
+
+
+def _github_app_problems(s: Any) -> list[Problem | None]:
+    """The App that dispatches runs: its ids, and a private key that loads (never echoed)."""
+    found: list[Problem | None] = []
+    for name in ("GITHUB_APP_ID", "GITHUB_APP_INSTALLATION_ID"):
+        if not getattr(s, name):
+            found.append(
+                Problem(
+                    name,
+                    "is not set: PROVISIONING_RUNNER=github dispatches with a GitHub App",
+                    "config.E011",
+                )
+            )
+    try:
+        load_private_key(s.GITHUB_APP_PRIVATE_KEY)
+    except ImproperlyConfigured as exc:
+        found.append(
+            Problem(
+                "GITHUB_APP_PRIVATE_KEY",
+                str(exc).removeprefix("GITHUB_APP_PRIVATE_KEY "),
+                "config.E012",
+            )
+        )
+    return found
 
 
 @register(Tags.security, deploy=True)

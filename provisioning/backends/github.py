@@ -1,6 +1,6 @@
 """Dispatch workflow runs on GitHub Actions with a GitHub App installation token (plain httpx).
 
-INTEGRATIONS.md "GitHub: dispatching the workflow": ``workflow_dispatch`` with
+``workflow_dispatch`` with
 ``return_run_details: true`` answers 200 with the new run's id; GitHub Enterprise Server up to
 3.20 answers 400 to that flag and 204 without it, so the id then comes from ``find_run``.
 """
@@ -19,6 +19,7 @@ from uuid import UUID
 
 import httpx
 import jwt
+from cryptography.hazmat.primitives import serialization
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
@@ -39,20 +40,39 @@ APP_JWT_BACKDATE_SECONDS = 60  # GitHub's advice against clock drift
 APP_JWT_LIFETIME_SECONDS = 9 * 60  # GitHub's limit is 10 minutes
 FIND_RUN_LOOKBACK = timedelta(hours=6)
 FIND_RUN_MAX_PAGES = 5
+PATH_MAX_CHARS = 4096  # longer than any file path: a key body without its armour
 
 
-def _load_private_key(value: str) -> str:
-    """``GITHUB_APP_PRIVATE_KEY`` is PEM text, or a path to a PEM file."""
+def load_private_key(value: str) -> str:
+    """``GITHUB_APP_PRIVATE_KEY`` is PEM text, or a path to a PEM file; returns checked PEM text.
+
+    Errors never repeat the value: a key pasted without its PEM armour would otherwise be taken
+    for a path and land in exception messages and every worker tick's log.
+    """
     text = value.strip()
+    if not text:
+        raise ImproperlyConfigured("GITHUB_APP_PRIVATE_KEY is not set")
     if "-----BEGIN" in text:
-        return text.replace("\\n", "\n") + "\n"  # tolerate a PEM flattened into one env line
-    path = Path(text).expanduser()
-    try:
-        return path.read_text()
-    except OSError as exc:
+        pem = text.replace("\\n", "\n") + "\n"  # tolerate a PEM flattened into one env line
+    elif "\n" in text or len(text) > PATH_MAX_CHARS:
         raise ImproperlyConfigured(
-            f"GITHUB_APP_PRIVATE_KEY is neither PEM text nor a readable file ({exc})"
-        ) from exc
+            "GITHUB_APP_PRIVATE_KEY is neither PEM text (no -----BEGIN line) nor a file path"
+        )
+    else:
+        try:
+            pem = Path(text).expanduser().read_text()
+        except OSError as exc:
+            raise ImproperlyConfigured(
+                "GITHUB_APP_PRIVATE_KEY is neither PEM text (no -----BEGIN line) nor a readable "
+                f"file ({type(exc).__name__})"
+            ) from None
+    try:
+        serialization.load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError):
+        raise ImproperlyConfigured(
+            "GITHUB_APP_PRIVATE_KEY does not hold an unencrypted PEM private key"
+        ) from None
+    return pem
 
 
 def _utcnow() -> datetime:
@@ -143,7 +163,7 @@ class GitHubBackend:
             "api_url": settings.GITHUB_API_URL,
         }
         if "private_key" not in overrides:
-            kwargs["private_key"] = _load_private_key(settings.GITHUB_APP_PRIVATE_KEY)
+            kwargs["private_key"] = load_private_key(settings.GITHUB_APP_PRIVATE_KEY)
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -8,11 +8,27 @@ import subprocess
 import sys
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from config.checks import production_problems
+from provisioning.backends.github import load_private_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+APP_KEY = (
+    rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    .private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    .decode()
+)
+# The key's body without its armour: what an operator pastes by mistake.
+APP_KEY_BODY = "".join(line for line in APP_KEY.splitlines() if not line.startswith("-----"))
 
 PRODUCTION = {
     "DJANGO_DEBUG": "0",
@@ -23,6 +39,9 @@ PRODUCTION = {
     "GITHUB_REPOSITORY": "acme/agents",
     "GITHUB_REPOSITORY_ID": "4242",
     "METRICS_TOKEN": "scrape-token",
+    "GITHUB_APP_ID": "12345",
+    "GITHUB_APP_INSTALLATION_ID": "67890",
+    "GITHUB_APP_PRIVATE_KEY": APP_KEY,
 }
 MINIMAL = {k: PRODUCTION[k] for k in ("DJANGO_DEBUG", "DJANGO_SECRET_KEY", "PUBLIC_BASE_URL")}
 
@@ -97,6 +116,9 @@ SAFE = {
     "PUBLIC_BASE_URL": "https://agents.example.com",
     "STRIPE_API_BASE": "",
     "BILLING_LOCAL_CHECKOUT": False,
+    "GITHUB_APP_ID": "12345",
+    "GITHUB_APP_INSTALLATION_ID": "67890",
+    "GITHUB_APP_PRIVATE_KEY": APP_KEY,
 }
 
 
@@ -161,3 +183,63 @@ def test_the_loopback_switch_still_refuses_anything_not_on_loopback(setting, val
 
 def test_a_pinned_key_file_needs_no_url_scheme():
     assert _problems(PROVISIONING_OIDC_JWKS_URL="/etc/agent-provisioning/jwks.json") == {}
+
+
+def test_a_github_runner_needs_its_app_and_a_key_that_loads():
+    problems = _problems(GITHUB_APP_ID="", GITHUB_APP_INSTALLATION_ID="", GITHUB_APP_PRIVATE_KEY="")
+
+    assert {"GITHUB_APP_ID", "GITHUB_APP_INSTALLATION_ID", "GITHUB_APP_PRIVATE_KEY"} <= set(
+        problems
+    )
+
+
+def test_a_key_pasted_without_its_armour_is_refused_and_never_echoed():
+    problems = _problems(GITHUB_APP_PRIVATE_KEY=APP_KEY_BODY)
+
+    assert "GITHUB_APP_PRIVATE_KEY" in problems
+    assert APP_KEY_BODY[:40] not in problems["GITHUB_APP_PRIVATE_KEY"]
+
+
+def test_check_deploy_never_prints_a_misplaced_key():
+    result = _run(
+        ["manage.py", "check", "--deploy"], {**PRODUCTION, "GITHUB_APP_PRIVATE_KEY": APP_KEY_BODY}
+    )
+
+    assert result.returncode != 0
+    assert "GITHUB_APP_PRIVATE_KEY" in result.stderr
+    assert APP_KEY_BODY[:40] not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        APP_KEY_BODY,  # a long single line: not a path
+        "/nonexistent/app-key.pem",
+        "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----",
+    ],
+)
+def test_load_private_key_refuses_without_repeating_the_value(value):
+    with pytest.raises(ImproperlyConfigured) as refused:
+        load_private_key(value)
+
+    assert value[:30] not in str(refused.value)
+
+
+def test_load_private_key_accepts_pem_text_flattened_into_one_line():
+    flat = APP_KEY.strip().replace("\n", "\\n")
+
+    assert load_private_key(flat).startswith("-----BEGIN PRIVATE KEY-----\n")
+
+
+@pytest.mark.parametrize(("path", "redirected"), [("/metrics", True), ("/healthz", False)])
+def test_only_healthz_answers_over_plain_http_when_https_is_enforced(
+    client, settings, path, redirected
+):
+    settings.SECURE_SSL_REDIRECT = True
+    settings.METRICS_TOKEN = "scrape-token"
+
+    response = client.get(path, HTTP_AUTHORIZATION="Bearer scrape-token")
+
+    assert (response.status_code == 301) is redirected
+    if redirected:
+        assert response["Location"].startswith("https://")
