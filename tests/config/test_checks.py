@@ -233,7 +233,7 @@ def test_load_private_key_accepts_pem_text_flattened_into_one_line():
 
 @pytest.mark.parametrize(("path", "redirected"), [("/metrics", True), ("/healthz", False)])
 def test_only_healthz_answers_over_plain_http_when_https_is_enforced(
-    client, settings, path, redirected
+    db, client, settings, path, redirected
 ):
     settings.SECURE_SSL_REDIRECT = True
     settings.METRICS_TOKEN = "scrape-token"
