@@ -7,6 +7,7 @@ from io import StringIO
 import pytest
 from django.contrib.auth import authenticate, get_user_model
 from django.core.management import CommandError, call_command
+from django.test import RequestFactory
 
 from provisioning.management.commands.seed_demo import DEMO_CUSTOMER, DEMO_OPERATOR
 
@@ -31,7 +32,8 @@ def test_creates_operator_and_customer_with_the_printed_logins(settings):
     assert operator.is_staff and operator.is_superuser and operator.is_active
     assert not customer.is_staff and not customer.is_superuser and customer.is_active
     for login in (DEMO_OPERATOR, DEMO_CUSTOMER):
-        assert authenticate(username=login.username, password=login.password) is not None
+        request = RequestFactory().post("/accounts/login/")  # the login throttle needs one
+        assert authenticate(request, username=login.username, password=login.password) is not None
         assert login.username in output and login.password in output
     assert "http://127.0.0.1:8000/accounts/login/" in output
     assert "http://127.0.0.1:8000/admin/" in output
