@@ -18,6 +18,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "provision.yml"
+WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.y*ml"))
 PLAYBOOK = REPO_ROOT / "provisioning" / "runner" / "playbook" / "site.yml"
 VENV_BIN = Path(sys.executable).parent
 SEARCH_PATH = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -42,10 +43,11 @@ def run(*command: str, cwd: Path = REPO_ROOT, **env: str) -> subprocess.Complete
     )
 
 
-def test_actionlint_with_shellcheck_finds_nothing():
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_actionlint_with_shellcheck_finds_nothing(workflow):
     actionlint, shellcheck = tool("actionlint"), tool("shellcheck")
 
-    result = run(actionlint, f"-shellcheck={shellcheck}", str(WORKFLOW))
+    result = run(actionlint, f"-shellcheck={shellcheck}", str(workflow))
 
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -62,10 +64,11 @@ def test_actionlint_really_runs_shellcheck(tmp_path):
     assert "SC2086" in result.stdout
 
 
-def test_workflow_matches_githubs_schema():
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_matches_githubs_schema(workflow):
     check_jsonschema = tool("check-jsonschema")
 
-    result = run(check_jsonschema, "--builtin-schema", "vendor.github-workflows", str(WORKFLOW))
+    result = run(check_jsonschema, "--builtin-schema", "vendor.github-workflows", str(workflow))
 
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -171,5 +174,6 @@ def test_steps_run_in_the_contract_order_with_timeouts_and_a_failure_handler():
     assert "failure() || cancelled()" in by_command["fail"]["if"]
     assert "nohup" in by_command["heartbeat-loop"]["run"]
     checkout = next(s for s in steps if s.get("uses", "").startswith("actions/checkout@"))
-    assert checkout["uses"] == "actions/checkout@v5"
+    # Pinned to a commit: tests/workflows/test_supply_chain.py checks every `uses:`.
+    assert checkout["uses"] == "actions/checkout@08c6903cd8c0fde910a37f88322edcfb5dd907a8"
     assert checkout["with"]["persist-credentials"] is False
