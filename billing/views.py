@@ -18,7 +18,7 @@ from django.template import TemplateDoesNotExist
 from django.template.loader import get_template
 from django.views import View
 
-from billing import services, test_events
+from billing import sample_events, services
 from provisioning.models import Region
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ class LocalCheckoutView(LoginRequiredMixin, View):
                 "agent_name": agent_name,
                 "region": region,
                 "region_label": Region(region).label,
-                "amount": (getattr(settings, "STRIPE_PRICE_AMOUNT", None) or 2000) / 100,
-                "currency": (getattr(settings, "STRIPE_PRICE_CURRENCY", "") or "usd").upper(),
+                "amount": sample_events.price_amount() / 100,
+                "currency": sample_events.price_currency().upper(),
             },
         )
 
@@ -75,7 +75,7 @@ class LocalCheckoutView(LoginRequiredMixin, View):
         if order is None:
             return HttpResponse("Invalid agent name or region.", status=400)
         agent_name, region = order
-        event = test_events.build_checkout_event(
+        event = sample_events.build_checkout_event(
             "checkout.session.completed",
             user=request.user,
             agent_name=agent_name,
@@ -83,7 +83,7 @@ class LocalCheckoutView(LoginRequiredMixin, View):
             livemode=False,
         )
         try:
-            response = test_events.post_event(event, transport=self.transport)
+            response = sample_events.post_event(event, transport=self.transport)
         except httpx.HTTPError as exc:
             logger.exception("local checkout: webhook unreachable")
             return HttpResponse(f"Could not reach the webhook: {exc}", status=502)
