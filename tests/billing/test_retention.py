@@ -14,8 +14,8 @@ from django.utils import timezone
 from djstripe.models import Event, WebhookEventTrigger
 
 from billing import retention
+from provisioning.api.oidc import LEEWAY_SECONDS
 from provisioning.models import JobEvent, UsedTokenId
-from provisioning.oidc import LEEWAY_SECONDS
 from tests.billing.conftest import load_event
 from tests.factories import JobFactory, UserFactory
 

@@ -501,7 +501,8 @@ def test_a_running_agent_shows_its_address_and_a_failed_one_a_safe_message(api, 
     body = {a["name"]: a for a in api.get("/api/v1/agents/").json()}
 
     assert body["ok"]["ipv4"] == "203.0.113.9"
-    assert body["ok"]["message"] == "Your agent is ready."
+    # The dashboard's words: the API and the pages share one presenter.
+    assert body["ok"]["message"] == "Your agent is up and running."
     assert body["bad"]["job"]["status"] == "failed"
     assert body["bad"]["message"] == "Installing the agent software on your server failed."
     assert "abc123" not in str(body)
@@ -529,7 +530,10 @@ def test_reading_an_agent_times_out_its_silent_job(api, backend, settings):
     assert body["job"]["status"] == "queued"
     assert body["job"]["retry_count"] == 1
     assert body["job"]["attempt"] == 2
-    assert body["message"].startswith("The build stopped reporting progress")
+    assert body["message"] == (
+        "The last attempt did not finish (The build stopped reporting progress and was stopped.) "
+        "We are trying again automatically."
+    )
     assert JobEvent.objects.filter(job=job, action=JobEvent.Action.TIMEOUT).count() == 1
 
 

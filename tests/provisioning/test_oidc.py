@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 import jwt
 import pytest
 
-from provisioning import oidc
-from provisioning.oidc import RunIdentity, TokenInvalid, verify_run_token
+from provisioning.api import oidc
+from provisioning.api.oidc import RunIdentity, TokenInvalid, verify_run_token
 from tests.fakes.oidc import running_issuer
 
 
