@@ -1,7 +1,7 @@
 """Who is calling: one attempt of one workflow run, proven by its GitHub Actions OIDC token.
 
 `WorkflowRunAuthentication` (the callbacks: dispatched runs) and `ReaperRunAuthentication` (the
-reaper: scheduled or manually dispatched runs) turn `Authorization: Bearer <GitHub Actions ID token>` into
+reaper: scheduled or manually dispatched runs) turn `Authorization: Bearer <ID token>` into
 `request.auth = RunIdentity` (oidc.verify_run_token does every check). A missing header leaves
 the request anonymous, so `IsWorkflowRun` refuses it; DRF answers both with 401 and
 `WWW-Authenticate: Bearer` because `authenticate_header` is defined (DRF answers 403 otherwise).

@@ -94,10 +94,12 @@ _clients_lock = threading.Lock()
 _keys: dict[tuple[int, str], tuple[Any, float]] = {}
 
 
-def _jwk_client(source: str) -> PyJWKClient:
-    """One cached client per key source. The cooldown (PROVISIONING_OIDC_JWKS_REFRESH_COOLDOWN_SECONDS)
-    is the minimum gap between forced refreshes on an unknown kid, so a stream of tokens with
-    made-up kids cannot make us hammer the issuer."""
+def jwk_client(source: str) -> PyJWKClient:
+    """The key set client for `source` (an https URL or a file), one per source and settings.
+
+    PROVISIONING_OIDC_JWKS_REFRESH_COOLDOWN_SECONDS is the minimum gap between forced refreshes
+    on an unknown kid, so a stream of tokens with made-up kids cannot make us hammer the issuer.
+    """
     lifespan = float(settings.PROVISIONING_OIDC_JWKS_LIFESPAN_SECONDS)
     cooldown = float(settings.PROVISIONING_OIDC_JWKS_REFRESH_COOLDOWN_SECONDS)
     key = (source, lifespan, cooldown)
@@ -228,7 +230,7 @@ def verify_run_token(
 
     if not isinstance(token, str) or not token:
         raise TokenInvalid("malformed token", "empty")
-    key = _signing_key(_jwk_client(jwks_source), token)
+    key = _signing_key(jwk_client(jwks_source), token)
     claims = _decode(token, key, issuer=issuer, audience=audience)
 
     expected_ref = f"refs/heads/{branch}"

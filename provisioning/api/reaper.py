@@ -2,8 +2,9 @@
 
 Authenticated like the run callbacks (a GitHub Actions OIDC token of our workflow file on our
 branch, every check of `oidc.verify_run_token`) except that the run is a scheduled one
-(`event_name` `schedule`) or a manual `workflow_dispatch`: authentication.ReaperRunAuthentication. No `jti` is spent: the call only
-reads, apart from the audit notes it leaves on the jobs whose VMs are condemned.
+(`event_name` `schedule`) or a manual `workflow_dispatch`: see ReaperRunAuthentication in
+authentication.py. No `jti` is spent: the call only reads, apart from the audit notes it leaves
+on the jobs whose VMs are condemned.
 """
 
 from __future__ import annotations

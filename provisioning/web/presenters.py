@@ -141,7 +141,7 @@ def _failed_follow_up(job: ProvisioningJob) -> str:
 
 
 def agent_status(agent: Agent, job: ProvisioningJob | None) -> AgentStatus:
-    """Everything the dashboard (and the API's `message`) says about one agent and its latest job."""
+    """Everything the dashboard and the API's `message` say about an agent and its latest job."""
     facts = AgentStatus(
         state="",
         headline="",
