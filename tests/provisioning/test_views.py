@@ -392,7 +392,7 @@ def test_reprovision_requeues_a_failed_agent_and_says_so(customer_client, agent,
     assert 'data-state="queued"' in html(response)
 
 
-def test_reprovision_is_refused_with_the_seeds_message_while_a_job_is_in_progress(
+def test_reprovision_is_refused_with_the_in_progress_message_while_a_job_is_in_progress(
     customer_client, customer, agent, backend
 ):
     job = failed_job(backend, agent)
