@@ -9,7 +9,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 from djstripe.models import Account, APIKey, WebhookEndpoint, WebhookEventTrigger
 
-from billing import services
+from billing import retention
 from provisioning.models import Agent
 from tests.billing.conftest import TEST_SECRET_KEY, WEBHOOK_SECRET, WEBHOOK_UUID, load_event
 from tests.factories import UserFactory
@@ -91,9 +91,9 @@ def test_forged_requests_leave_trigger_rows_that_the_prune_removes(deliver, sett
     deliver({"id": "evt_forged", "livemode": False}, secret="whsec_wrong")
     assert WebhookEventTrigger.objects.filter(valid=False).count() == 1
 
-    deleted, kept = services.webhook_trigger_prune(older_than=timedelta(0))
+    pruned = retention.invalid_triggers_prune(older_than=timedelta(0))
 
-    assert (deleted, kept) == (1, 0)
+    assert (pruned.deleted, pruned.kept) == (1, 0)
 
 
 @pytest.mark.django_db(transaction=True)
