@@ -145,7 +145,7 @@ def main() -> None:
     django.setup()
     from django.contrib.auth.models import User
 
-    from billing import test_events
+    from billing import sample_events
     from provisioning.models import Agent, ProvisioningJob
 
     user = User.objects.get(pk=user_pk)
@@ -153,13 +153,13 @@ def main() -> None:
     def bodies(n: int, *, signed: bool) -> list[tuple[bytes, dict[str, str]]]:
         out = []
         for i in range(n):
-            event = test_events.build_checkout_event(
+            event = sample_events.build_checkout_event(
                 "checkout.session.completed", user=user, agent_name=f"bench-{i}", region="us-east"
             )
-            body = test_events.encode(event)
+            body = sample_events.encode(event)
             headers = {"Content-Type": "application/json"}
             if signed:
-                headers["Stripe-Signature"] = test_events.sign(body, SECRET)
+                headers["Stripe-Signature"] = sample_events.sign(body, SECRET)
             out.append((body, headers))
         return out
 

@@ -50,8 +50,8 @@ def _delete_in_batches(queryset: QuerySet[Any], *, batch_size: int = BATCH_SIZE)
 
 
 def used_token_ids_prune(*, now: datetime | None = None, dry_run: bool = False) -> Pruned:
+    from provisioning.api.oidc import LEEWAY_SECONDS
     from provisioning.models import UsedTokenId
-    from provisioning.oidc import LEEWAY_SECONDS
 
     cutoff = (now or timezone.now()) - timedelta(seconds=LEEWAY_SECONDS) - TOKEN_MARGIN
     due = UsedTokenId.objects.filter(expires_at__lt=cutoff)

@@ -1,7 +1,9 @@
-"""The local stand-in for Stripe Checkout (BILLING_LOCAL_CHECKOUT: `make run`, no Stripe account).
+"""The purchase flow: the dashboard's "Buy an agent" page, then Checkout.
 
-"Pay (test mode)" does what Stripe would: it sends a signed `checkout.session.completed` to our
-own webhook over HTTP, so the purchase goes through exactly the path a real one takes.
+`agent_buy` takes a name and a region and sends the customer to Stripe Checkout, or, with
+BILLING_LOCAL_CHECKOUT (`make run`, no Stripe account), to `LocalCheckoutView`, the local stand-in
+whose "Pay (test mode)" does what Stripe would: it sends a signed `checkout.session.completed` to
+our own webhook over HTTP, so the purchase goes through exactly the path a real one takes.
 """
 
 from __future__ import annotations
@@ -10,20 +12,59 @@ import logging
 from typing import Any
 
 import httpx
+import stripe
 from django.conf import settings
+from django.contrib.auth.decorators import login_required
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.template import TemplateDoesNotExist
 from django.template.loader import get_template
+from django.urls import reverse
 from django.views import View
+from django.views.decorators.http import require_http_methods
 
-from billing import services, test_events
+from billing import sample_events, services
+from billing.forms import AgentBuyForm
 from provisioning.models import Region
 
 logger = logging.getLogger(__name__)
 
 AFTER_PAYMENT_URL = "/agents/"
+
+CHECKOUT_UNAVAILABLE_MESSAGE = (
+    "We could not reach our payment provider just now, so nothing was charged. "
+    "Please try again in a minute."
+)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def agent_buy(request: HttpRequest) -> HttpResponse:
+    """Name and region, then off to Checkout (Stripe's, or the local stand-in under make run)."""
+    form = AgentBuyForm(request.POST or None)
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        try:
+            checkout_url = services.checkout_session_create(
+                user=request.user,
+                agent_name=form.cleaned_data["name"],
+                region=form.cleaned_data["region"],
+                success_url=request.build_absolute_uri(reverse("dashboard:agent-list")),
+                cancel_url=request.build_absolute_uri(reverse("dashboard:agent-buy")),
+            )
+        except services.PurchaseInvalid as exc:
+            # The form and billing disagree about a name or region: the customer can fix it.
+            form.add_error(None, str(exc))
+            status = 400
+        except stripe.StripeError:
+            # Stripe unreachable or refusing: say so plainly and keep what they typed.
+            logger.exception("checkout session for user %s could not be created", request.user.pk)
+            form.add_error(None, CHECKOUT_UNAVAILABLE_MESSAGE)
+            status = 503
+        else:
+            return HttpResponseRedirect(checkout_url)
+    return render(request, "billing/agent_buy.html", {"form": form}, status=status)
 
 
 def _base_template() -> str:
@@ -65,8 +106,8 @@ class LocalCheckoutView(LoginRequiredMixin, View):
                 "agent_name": agent_name,
                 "region": region,
                 "region_label": Region(region).label,
-                "amount": (getattr(settings, "STRIPE_PRICE_AMOUNT", None) or 2000) / 100,
-                "currency": (getattr(settings, "STRIPE_PRICE_CURRENCY", "") or "usd").upper(),
+                "amount": sample_events.price_amount() / 100,
+                "currency": sample_events.price_currency().upper(),
             },
         )
 
@@ -75,7 +116,7 @@ class LocalCheckoutView(LoginRequiredMixin, View):
         if order is None:
             return HttpResponse("Invalid agent name or region.", status=400)
         agent_name, region = order
-        event = test_events.build_checkout_event(
+        event = sample_events.build_checkout_event(
             "checkout.session.completed",
             user=request.user,
             agent_name=agent_name,
@@ -83,7 +124,7 @@ class LocalCheckoutView(LoginRequiredMixin, View):
             livemode=False,
         )
         try:
-            response = test_events.post_event(event, transport=self.transport)
+            response = sample_events.post_event(event, transport=self.transport)
         except httpx.HTTPError as exc:
             logger.exception("local checkout: webhook unreachable")
             return HttpResponse(f"Could not reach the webhook: {exc}", status=502)

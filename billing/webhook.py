@@ -6,6 +6,8 @@ and monitoring would page on. Every real Stripe event is an object, so anything 
 here with 400 before dj-stripe stores or validates anything. So is a NUL character anywhere in the
 headers or the body: dj-stripe stores both, PostgreSQL refuses NUL in text and jsonb (another 500),
 and no Stripe event or signature ever contains one; a signature header must be ASCII.
+
+`webhook_path` and `webhook_url` say where the door is, for the setup command and test events.
 """
 
 from __future__ import annotations
@@ -13,8 +15,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.urls import reverse
 from djstripe.views import ProcessWebhookView
+
+
+def webhook_path(endpoint_uuid: str | None = None) -> str:
+    """The path of the webhook endpoint `endpoint_uuid` (default: STRIPE_WEBHOOK_UUID)."""
+    return reverse(
+        "djstripe:djstripe_webhook_by_uuid",
+        kwargs={"uuid": endpoint_uuid or settings.STRIPE_WEBHOOK_UUID},
+    )
+
+
+def webhook_url(endpoint_uuid: str | None = None) -> str:
+    """The public URL Stripe posts to: PUBLIC_BASE_URL + the endpoint's path."""
+    return settings.PUBLIC_BASE_URL + webhook_path(endpoint_uuid)
 
 
 class StripeWebhookView(ProcessWebhookView):

@@ -198,7 +198,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "EXCEPTION_HANDLER": "provisioning.apis_errors.exception_handler",
+    "EXCEPTION_HANDLER": "provisioning.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
@@ -210,7 +210,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     # One name per choice set (`step` and `failed_step` share the runner's steps).
     "ENUM_NAME_OVERRIDES": {
-        "RunnerStepEnum": "provisioning.apis.RUNNER_STEP_CHOICES",
+        "RunnerStepEnum": "provisioning.api.fields.RUNNER_STEP_CHOICES",
         "JobStatusEnum": "provisioning.models.JobStatus",
     },
 }

@@ -33,9 +33,9 @@ def encode(event: dict[str, Any]) -> bytes:
 
 
 def checkout_event(user: Any, agent_name: str, region: str = "us-east") -> dict[str, Any]:
-    from billing import test_events
+    from billing import sample_events
 
-    return test_events.build_checkout_event(
+    return sample_events.build_checkout_event(
         "checkout.session.completed", user=user, agent_name=agent_name, region=region
     )
 

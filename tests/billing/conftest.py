@@ -7,16 +7,16 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from django.test import Client
 
-from billing import services, test_events
+from billing import sample_events, services
+from billing.webhook import webhook_path, webhook_url
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "stripe"
+FIXTURES = sample_events.PAYLOADS
 TEST_SECRET_KEY = "sk_test_billingSuiteOnlyNotAStripeKey00000"
 WEBHOOK_SECRET = "whsec_billingSuiteOnlyNotSecret"
 WEBHOOK_UUID = "6f1c2a1e-0c6d-4d8e-9b7a-5a4f3e2d1c0b"
@@ -48,7 +48,7 @@ def endpoint(db: None) -> Any:
     row, _ = services.webhook_endpoint_setup(
         secret=WEBHOOK_SECRET,
         endpoint_uuid=WEBHOOK_UUID,
-        url=test_events.webhook_url(WEBHOOK_UUID),
+        url=webhook_url(WEBHOOK_UUID),
         api_key=TEST_SECRET_KEY,
         livemode=False,
         api_version="2025-09-30.clover",
@@ -63,10 +63,10 @@ def load_event(
     event_id: str | None = None,
     session_id: str | None = None,
 ) -> dict[str, Any]:
-    """A captured event (`tests/fixtures/stripe/<type>__<variant>.json`) made fresh for a test."""
+    """A captured event (`billing/sample_payloads/<type>__<variant>.json`) made fresh for a test."""
     event = json.loads((FIXTURES / f"{name}.json").read_text())
     event = copy.deepcopy(event)
-    event["id"] = event_id or test_events.stripe_id("evt_")
+    event["id"] = event_id or sample_events.stripe_id("evt_")
     event["created"] = int(time.time())
     session = event["data"]["object"]
     if session_id:
@@ -96,16 +96,16 @@ def deliver_with(client: Client) -> Deliver:
         sign_body: bytes | None = None,
     ) -> Any:
         """POST through dj-stripe's real URL, signed with Stripe's scheme (unless told not to)."""
-        payload = body if body is not None else test_events.encode(event or {})
+        payload = body if body is not None else sample_events.encode(event or {})
         extra = dict(headers or {})
         if signature is None:
-            signature = test_events.sign(
+            signature = sample_events.sign(
                 sign_body if sign_body is not None else payload, secret, timestamp
             )
         if signature:
             extra["Stripe-Signature"] = signature
         return client.post(
-            test_events.webhook_path(endpoint_uuid),
+            webhook_path(endpoint_uuid),
             data=payload,
             content_type="application/json",
             headers=extra,

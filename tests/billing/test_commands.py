@@ -9,7 +9,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 from djstripe.models import Account, APIKey, WebhookEndpoint, WebhookEventTrigger
 
-from billing import services
+from billing import retention
 from provisioning.models import Agent
 from tests.billing.conftest import TEST_SECRET_KEY, WEBHOOK_SECRET, WEBHOOK_UUID, load_event
 from tests.factories import UserFactory
@@ -65,7 +65,7 @@ def test_setup_stripe_webhook_refuses_without_a_secret(settings):
         _run("setup_stripe_webhook")
 
 
-def test_prune_webhook_triggers_deletes_old_invalid_rows_and_keeps_valid_ones(endpoint):
+def test_prune_deletes_old_invalid_webhook_triggers_and_keeps_valid_ones(endpoint):
     def trigger(*, valid: bool, days_old: int) -> WebhookEventTrigger:
         row = WebhookEventTrigger.objects.create(
             remote_ip="127.0.0.1", headers={}, body="{}", valid=valid, webhook_endpoint=endpoint
@@ -79,21 +79,21 @@ def test_prune_webhook_triggers_deletes_old_invalid_rows_and_keeps_valid_ones(en
     recent_forged = trigger(valid=False, days_old=1)
     old_valid = trigger(valid=True, days_old=400)
 
-    output = _run("prune_webhook_triggers", "--older-than-days", "7")
+    output = _run("prune", "--invalid-trigger-days", "7")
 
     remaining = set(WebhookEventTrigger.objects.values_list("pk", flat=True))
     assert remaining == {recent_forged.pk, old_valid.pk}
     assert old_forged.pk not in remaining
-    assert "Deleted 1 invalid webhook triggers" in output
+    assert "Pruned 1 invalid webhook triggers" in output
 
 
 def test_forged_requests_leave_trigger_rows_that_the_prune_removes(deliver, settings):
     deliver({"id": "evt_forged", "livemode": False}, secret="whsec_wrong")
     assert WebhookEventTrigger.objects.filter(valid=False).count() == 1
 
-    deleted, kept = services.webhook_trigger_prune(older_than=timedelta(0))
+    pruned = retention.invalid_triggers_prune(older_than=timedelta(0))
 
-    assert (deleted, kept) == (1, 0)
+    assert (pruned.deleted, pruned.kept) == (1, 0)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -130,7 +130,7 @@ def test_stripe_send_test_event_needs_a_known_customer():
 def test_signatures_match_stripes_own_verifier():
     import stripe
 
-    from billing.test_events import encode, sign
+    from billing.sample_events import encode, sign
 
     body = encode(load_event("checkout.session.completed__paid"))
 

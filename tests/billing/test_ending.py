@@ -20,7 +20,7 @@ from djstripe.event_handlers import (
 from djstripe.models import Event
 from djstripe.signals import WEBHOOK_SIGNALS
 
-from billing import test_events
+from billing import sample_events
 from billing.models import KnownCharge, UnmatchedEndingEvent, UnmatchedReason
 from provisioning import services as provisioning_services
 from provisioning.models import Agent, JobEvent, JobKind, JobStatus, ProvisioningJob, Step
@@ -42,7 +42,7 @@ def load(name: str, *, event_id: str | None = None, **ids: str) -> dict[str, Any
     payment_intent.
     """
     event = copy.deepcopy(json.loads((FIXTURES / f"{name}.json").read_text()))
-    event["id"] = event_id or test_events.stripe_id("evt_")
+    event["id"] = event_id or sample_events.stripe_id("evt_")
     event["created"] = int(time.time())
     obj = event["data"]["object"]
     kind = obj["object"]

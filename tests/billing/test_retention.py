@@ -14,8 +14,8 @@ from django.utils import timezone
 from djstripe.models import Event, WebhookEventTrigger
 
 from billing import retention
+from provisioning.api.oidc import LEEWAY_SECONDS
 from provisioning.models import JobEvent, UsedTokenId
-from provisioning.oidc import LEEWAY_SECONDS
 from tests.billing.conftest import load_event
 from tests.factories import JobFactory, UserFactory
 
@@ -127,11 +127,3 @@ def test_deletes_go_in_batches(world):
 
     assert not due.exists()
     assert UsedTokenId.objects.count() == 3
-
-
-def test_the_old_trigger_command_still_works(world):
-    out = StringIO()
-    call_command("prune_webhook_triggers", "--older-than-days", "7", stdout=out)
-
-    assert "Deleted 1 invalid webhook triggers" in out.getvalue()
-    assert UsedTokenId.objects.count() == 3  # only triggers

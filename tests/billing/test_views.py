@@ -1,6 +1,10 @@
-"""The local stand-in checkout page: it pays by sending a signed event to our own webhook."""
+"""The purchase pages: the dashboard's buy form, and the local stand-in checkout page that pays by
+sending a signed event to our own webhook."""
 
 from __future__ import annotations
+
+import socket
+from urllib.parse import urlencode
 
 import pytest
 from django.test import Client
@@ -84,3 +88,65 @@ def test_a_bad_order_is_refused(local_checkout, customer_client):
     response = customer_client.get(URL, {"agent_name": "", "region": "mars"})
 
     assert response.status_code == 400
+
+
+# --- the dashboard's buy form (dashboard:agent-buy, billing.views.agent_buy) -----------------
+
+
+def test_the_buy_form_renders_with_every_region(customer_client):
+    page = customer_client.get("/agents/buy/").content.decode()
+
+    assert 'name="csrfmiddlewaretoken"' in page
+    for value in ("us-east", "us-west", "eu-central", "ap-southeast"):
+        assert f'value="{value}"' in page
+
+
+@pytest.mark.parametrize(
+    ("name", "region", "field", "message"),
+    [
+        ("", "us-east", "name", "This field is required."),
+        ("   ", "us-east", "name", "This field is required."),
+        ("x" * 65, "us-east", "name", "at most 64 characters"),
+        ("my<agent>", "us-east", "name", "Use letters, digits, spaces"),
+        ("drop; table", "us-east", "name", "Use letters, digits, spaces"),
+        ("good-name", "mars-north", "region", "Select a valid choice."),
+    ],
+)
+def test_the_buy_form_explains_what_is_wrong(
+    customer_client, settings, name, region, field, message
+):
+    settings.BILLING_LOCAL_CHECKOUT = True
+
+    response = customer_client.post("/agents/buy/", {"name": name, "region": region})
+
+    assert response.status_code == 200
+    assert any(message in error for error in response.context["form"].errors[field])
+    assert Agent.objects.count() == 0
+
+
+def test_buying_redirects_to_the_checkout_billing_returns(customer_client, settings):
+    settings.BILLING_LOCAL_CHECKOUT = True
+
+    response = customer_client.post(
+        "/agents/buy/", {"name": "Research helper_2", "region": "eu-central"}
+    )
+
+    assert response.status_code == 302
+    expected = urlencode({"agent_name": "Research helper_2", "region": "eu-central"})
+    assert response.url == f"/billing/local-checkout/?{expected}"
+
+
+def test_buying_while_stripe_is_unreachable_shows_a_friendly_error(customer_client, settings):
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    settings.BILLING_LOCAL_CHECKOUT = False
+    settings.STRIPE_SECRET_KEY = "sk_test_dashboard_unreachable"
+    settings.STRIPE_TEST_SECRET_KEY = "sk_test_dashboard_unreachable"
+    settings.STRIPE_API_BASE = f"http://127.0.0.1:{closed_port}"
+
+    response = customer_client.post("/agents/buy/", {"name": "helper", "region": "us-east"})
+
+    assert response.status_code == 503
+    assert "We could not reach our payment provider just now" in response.content.decode()
+    assert 'value="helper"' in response.content.decode()

@@ -194,7 +194,7 @@ def test_a_forged_or_garbled_delivery_is_refused_and_creates_nothing(
     event = load_event("checkout.session.completed__paid", user=customer)
     kwargs = dict(how)
     if kwargs.pop("tamper", False):
-        from billing.test_events import encode
+        from billing.sample_events import encode
 
         original = encode(event)
         event["data"]["object"]["metadata"]["agent_name"] = "stolen"
@@ -405,7 +405,7 @@ def test_a_database_error_answers_500_and_the_retry_fulfils(
 
 
 def test_an_async_payment_failure_creates_nothing(deliver, customer):
-    from billing.test_events import build_checkout_event
+    from billing.sample_events import build_checkout_event
 
     event = build_checkout_event(
         "checkout.session.async_payment_failed", user=customer, agent_name="a", region="us-east"

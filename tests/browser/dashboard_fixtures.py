@@ -20,7 +20,7 @@ import pytest
 from django.db import connections
 
 from billing import services as billing_services
-from billing import test_events
+from billing.webhook import webhook_url
 from provisioning import backends
 from provisioning.localdev.fake_hetzner import FakeHetzner
 from tests.fakes.oidc import running_issuer
@@ -104,7 +104,7 @@ def pipeline(live_server: Any, settings: Any, tmp_path: Path) -> Iterator[Pipeli
     billing_services.webhook_endpoint_setup(
         secret=WEBHOOK_SECRET,
         endpoint_uuid=WEBHOOK_UUID,
-        url=test_events.webhook_url(WEBHOOK_UUID),
+        url=webhook_url(WEBHOOK_UUID),
         api_key=STRIPE_TEST_KEY,
         livemode=False,
         api_version=settings.STRIPE_API_VERSION,

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from django.db import close_old_connections, connection
 
-from provisioning import backends, oidc
+from provisioning import backends
+from provisioning.api import oidc
 from provisioning.backends.local import LocalBackend
 from provisioning.localdev.fake_hetzner import FakeHetzner
 from provisioning.localdev.oidc_issuer import DevOidcIssuer

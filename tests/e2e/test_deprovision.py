@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 
+from billing import sample_events
 from billing import services as billing_services
-from billing import test_events
+from billing.webhook import webhook_url
 from provisioning import services
 from provisioning.models import Agent, JobEvent, JobKind, JobStatus, ProvisioningJob, Step
 from tests.e2e.test_pipeline import E2E_APPS, is_running
@@ -54,13 +55,13 @@ def webhook(pipeline: Any, settings: Any) -> Iterator[str]:
     billing_services.webhook_endpoint_setup(
         secret=WEBHOOK_SECRET,
         endpoint_uuid=WEBHOOK_UUID,
-        url=test_events.webhook_url(WEBHOOK_UUID),
+        url=webhook_url(WEBHOOK_UUID),
         api_key=TEST_SECRET_KEY,
         livemode=False,
         api_version=settings.STRIPE_API_VERSION,
     )
     try:
-        yield test_events.webhook_url(WEBHOOK_UUID)  # PUBLIC_BASE_URL is the live server
+        yield webhook_url(WEBHOOK_UUID)  # PUBLIC_BASE_URL is the live server
     finally:
         for model in models:
             model.objects.exclude(pk__in=before[model]).delete()
@@ -68,14 +69,14 @@ def webhook(pipeline: Any, settings: Any) -> Iterator[str]:
 
 def paid_agent() -> Agent:
     return AgentFactory(
-        stripe_customer_id=test_events.stripe_id("cus_", 14),
-        stripe_subscription_id=test_events.stripe_id("sub_"),
+        stripe_customer_id=sample_events.stripe_id("cus_", 14),
+        stripe_subscription_id=sample_events.stripe_id("sub_"),
     )
 
 
 def cancel_subscription(agent: Agent, url: str) -> dict[str, Any]:
-    (event,) = test_events.build_ending_events("customer.subscription.deleted", agent=agent)
-    response = test_events.post_event(event, url=url, secret=WEBHOOK_SECRET)
+    (event,) = sample_events.build_ending_events("customer.subscription.deleted", agent=agent)
+    response = sample_events.post_event(event, url=url, secret=WEBHOOK_SECRET)
     assert response.status_code == 200, response.text
     return event
 
@@ -138,8 +139,8 @@ def test_a_cancelled_subscription_deletes_the_running_agents_vm(pipeline, webhoo
     assert not ProvisioningJob.objects.filter(agent=bystander, kind=JobKind.DEPROVISION).exists()
 
     # Another ending event for the same agent (here a full refund): nothing new is queued.
-    (refund,) = test_events.build_ending_events("charge.refunded", agent=agent)
-    assert test_events.post_event(refund, url=webhook, secret=WEBHOOK_SECRET).status_code == 200
+    (refund,) = sample_events.build_ending_events("charge.refunded", agent=agent)
+    assert sample_events.post_event(refund, url=webhook, secret=WEBHOOK_SECRET).status_code == 200
     assert ProvisioningJob.objects.filter(agent=agent, kind=JobKind.DEPROVISION).count() == 1
 
 

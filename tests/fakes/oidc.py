@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from provisioning import oidc
+from provisioning.api import oidc
 from provisioning.localdev.oidc_issuer import DevOidcIssuer
 
 TEST_REQUEST_TOKEN = "test-request-token"

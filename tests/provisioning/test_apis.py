@@ -1,4 +1,5 @@
-"""The HTTP contract (DESIGN.md "HTTP contract"), driven over HTTP with tokens from the test issuer."""
+"""The HTTP contract (paths, bodies, status codes, refusal codes), driven over HTTP with tokens
+from the test issuer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.utils import timezone
+from django.utils.html import escape
 from rest_framework.test import APIClient
 
 from provisioning import services
@@ -501,7 +503,8 @@ def test_a_running_agent_shows_its_address_and_a_failed_one_a_safe_message(api, 
     body = {a["name"]: a for a in api.get("/api/v1/agents/").json()}
 
     assert body["ok"]["ipv4"] == "203.0.113.9"
-    assert body["ok"]["message"] == "Your agent is ready."
+    # The dashboard's words: the API and the pages share one presenter.
+    assert body["ok"]["message"] == "Your agent is up and running."
     assert body["bad"]["job"]["status"] == "failed"
     assert body["bad"]["message"] == "Installing the agent software on your server failed."
     assert "abc123" not in str(body)
@@ -529,7 +532,10 @@ def test_reading_an_agent_times_out_its_silent_job(api, backend, settings):
     assert body["job"]["status"] == "queued"
     assert body["job"]["retry_count"] == 1
     assert body["job"]["attempt"] == 2
-    assert body["message"].startswith("The build stopped reporting progress")
+    assert body["message"] == (
+        "The last attempt did not finish (The build stopped reporting progress and was stopped.) "
+        "We are trying again automatically."
+    )
     assert JobEvent.objects.filter(job=job, action=JobEvent.Action.TIMEOUT).count() == 1
 
 
@@ -578,3 +584,25 @@ def test_the_schema_and_docs_are_served(api):
     assert api.get("/api/schema/").status_code in (200, 403)
     api.force_login(UserFactory())
     assert api.get("/api/schema/").status_code == 200
+
+
+def test_the_api_says_what_the_dashboard_says(api, backend):
+    """One presenter: every agent's `message` is the sentence its status block shows."""
+    user = UserFactory()
+    running_job, running_run = claimed(backend, AgentFactory(owner=user, name="running"))
+    services.job_complete(job_id=running_job.pk, run=running_run, server_id="1", ipv4="203.0.113.9")
+    failed_job, failed_run = claimed(backend, AgentFactory(owner=user, name="failed"))
+    ProvisioningJob.objects.filter(pk=failed_job.pk).update(max_retries=0)
+    services.job_fail(job_id=failed_job.pk, run=failed_run, error="x", failed_step=Step.WAIT_SSH)
+    claimed(backend, AgentFactory(owner=user, name="provisioning"))
+    enqueue(AgentFactory(owner=user, name="queued"))  # waits: the customer has one provisioning
+    AgentFactory(owner=user, name="no job yet")
+    AgentFactory(owner=user, name="ended", ended_at=timezone.now(), end_reason="Refunded.")
+    api.force_login(user)
+
+    agents = api.get("/api/v1/agents/").json()
+
+    assert len(agents) == 6
+    for agent in agents:
+        block = api.get(f"/agents/{agent['id']}/status/").content.decode()
+        assert f'<p class="status__sentence">{escape(agent["message"])}</p>' in block, agent

@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 import jwt
 import pytest
 
-from provisioning import oidc
-from provisioning.oidc import RunIdentity, TokenInvalid, verify_run_token
+from provisioning.api import oidc
+from provisioning.api.oidc import RunIdentity, TokenInvalid, verify_run_token
 from tests.fakes.oidc import running_issuer
 
 
@@ -208,8 +208,8 @@ def test_a_missing_key_set_file_refuses_the_token(oidc_issuer, settings, tmp_pat
 
 def test_verifiers_are_cached_per_key_source(oidc_issuer, settings):
     verify_run_token(oidc_issuer.mint())
-    first = oidc._jwk_client(settings.PROVISIONING_OIDC_JWKS_URL)
+    first = oidc.jwk_client(settings.PROVISIONING_OIDC_JWKS_URL)
 
     verify_run_token(oidc_issuer.mint())
 
-    assert oidc._jwk_client(settings.PROVISIONING_OIDC_JWKS_URL) is first
+    assert oidc.jwk_client(settings.PROVISIONING_OIDC_JWKS_URL) is first

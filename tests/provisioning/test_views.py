@@ -7,7 +7,6 @@ is what a real job in that state would show.
 from __future__ import annotations
 
 import re
-import socket
 from datetime import timedelta
 from urllib.parse import urlencode
 
@@ -377,68 +376,6 @@ def test_reading_a_healthy_job_changes_nothing(customer_client, agent, backend):
     assert list(JobEvent.objects.filter(job=job).values_list("pk", flat=True)) == before
 
 
-# --- buy an agent ----------------------------------------------------------------------------
-
-
-def test_the_buy_form_renders_with_every_region(customer_client):
-    page = html(customer_client.get("/agents/buy/"))
-
-    assert 'name="csrfmiddlewaretoken"' in page
-    for value in ("us-east", "us-west", "eu-central", "ap-southeast"):
-        assert f'value="{value}"' in page
-
-
-@pytest.mark.parametrize(
-    ("name", "region", "field", "message"),
-    [
-        ("", "us-east", "name", "This field is required."),
-        ("   ", "us-east", "name", "This field is required."),
-        ("x" * 65, "us-east", "name", "at most 64 characters"),
-        ("my<agent>", "us-east", "name", "Use letters, digits, spaces"),
-        ("drop; table", "us-east", "name", "Use letters, digits, spaces"),
-        ("good-name", "mars-north", "region", "Select a valid choice."),
-    ],
-)
-def test_the_buy_form_explains_what_is_wrong(
-    customer_client, settings, name, region, field, message
-):
-    settings.BILLING_LOCAL_CHECKOUT = True
-
-    response = customer_client.post("/agents/buy/", {"name": name, "region": region})
-
-    assert response.status_code == 200
-    assert any(message in error for error in response.context["form"].errors[field])
-    assert Agent.objects.count() == 0
-
-
-def test_buying_redirects_to_the_checkout_billing_returns(customer_client, settings):
-    settings.BILLING_LOCAL_CHECKOUT = True
-
-    response = customer_client.post(
-        "/agents/buy/", {"name": "Research helper_2", "region": "eu-central"}
-    )
-
-    assert response.status_code == 302
-    expected = urlencode({"agent_name": "Research helper_2", "region": "eu-central"})
-    assert response.url == f"/billing/local-checkout/?{expected}"
-
-
-def test_buying_while_stripe_is_unreachable_shows_a_friendly_error(customer_client, settings):
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    settings.BILLING_LOCAL_CHECKOUT = False
-    settings.STRIPE_SECRET_KEY = "sk_test_dashboard_unreachable"
-    settings.STRIPE_TEST_SECRET_KEY = "sk_test_dashboard_unreachable"
-    settings.STRIPE_API_BASE = f"http://127.0.0.1:{closed_port}"
-
-    response = customer_client.post("/agents/buy/", {"name": "helper", "region": "us-east"})
-
-    assert response.status_code == 503
-    assert "We could not reach our payment provider just now" in html(response)
-    assert 'value="helper"' in html(response)
-
-
 # --- re-provision ----------------------------------------------------------------------------
 
 
@@ -455,7 +392,7 @@ def test_reprovision_requeues_a_failed_agent_and_says_so(customer_client, agent,
     assert 'data-state="queued"' in html(response)
 
 
-def test_reprovision_is_refused_with_the_seeds_message_while_a_job_is_in_progress(
+def test_reprovision_is_refused_with_the_in_progress_message_while_a_job_is_in_progress(
     customer_client, customer, agent, backend
 ):
     job = failed_job(backend, agent)

@@ -1,4 +1,9 @@
-"""The runner ships to GitHub's runner with only requirements.txt: no Django, no app modules."""
+"""One-way imports, checked on the source.
+
+- The runner ships to GitHub's runner with only requirements.txt: no Django, no app modules.
+- Billing builds on provisioning, never the other way round: no module under provisioning/
+  imports billing (config/urls.py is where the two meet).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 
 RUNNER_DIR = Path(__file__).resolve().parents[2] / "provisioning" / "runner"
 REPO_ROOT = RUNNER_DIR.parents[1]
+PROVISIONING_DIR = REPO_ROOT / "provisioning"
 RUNNER_MODULES = [
     f"provisioning.runner.{p.stem}"
     for p in sorted(RUNNER_DIR.glob("*.py"))
@@ -64,3 +70,53 @@ def test_no_runner_source_file_imports_django_or_reaches_outside_the_package():
                     offenders.append(f"{path.name}: import {name}")
 
     assert offenders == []
+
+
+def _imported_names(path: Path) -> list[str]:
+    """Every module `path` imports by name: import statements and import_module("...") calls."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module or "")
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.append(node.args[0].value)
+    return names
+
+
+def test_no_provisioning_module_imports_billing():
+    sources = sorted(PROVISIONING_DIR.rglob("*.py"))
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}: import {name}"
+        for path in sources
+        for name in _imported_names(path)
+        if name.split(".")[0] == "billing"
+    ]
+
+    assert offenders == []
+    assert len(sources) > 40  # the walk found the package
+
+
+def test_the_billing_check_catches_an_import(tmp_path):
+    module = tmp_path / "probe.py"
+    module.write_text(
+        "import billing.services\n"
+        "from billing import views\n"
+        "def f():\n"
+        "    from billing.models import Agent\n"
+        "    importlib.import_module('billing.sample_events')\n"
+    )
+
+    assert _imported_names(module) == [
+        "billing.services",
+        "billing",
+        "billing.models",
+        "billing.sample_events",
+    ]

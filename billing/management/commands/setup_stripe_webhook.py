@@ -8,7 +8,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from billing import services, test_events
+from billing import services
+from billing.webhook import webhook_url
 
 
 class Command(BaseCommand):
@@ -29,7 +30,7 @@ class Command(BaseCommand):
             endpoint_uuid = str(uuid.UUID(endpoint_uuid))
         except ValueError as exc:
             raise CommandError(f"STRIPE_WEBHOOK_UUID is not a UUID: {endpoint_uuid!r}") from exc
-        url = options["url"] or test_events.webhook_url(endpoint_uuid)
+        url = options["url"] or webhook_url(endpoint_uuid)
         endpoint, created = services.webhook_endpoint_setup(
             secret=secret,
             endpoint_uuid=endpoint_uuid,

@@ -16,7 +16,8 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from billing import test_events
+from billing import sample_events
+from billing.webhook import webhook_url
 from provisioning.models import Agent, Region
 
 
@@ -28,7 +29,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "type", choices=test_events.CHECKOUT_EVENT_TYPES + test_events.ENDING_EVENT_TYPES
+            "type", choices=sample_events.CHECKOUT_EVENT_TYPES + sample_events.ENDING_EVENT_TYPES
         )
         parser.add_argument("--customer", required=True, help="username of the paying customer")
         parser.add_argument("--agent-name", default="my-agent")
@@ -53,11 +54,11 @@ class Command(BaseCommand):
         secret = options["secret"] or settings.STRIPE_WEBHOOK_SECRET
         if not secret:
             raise CommandError("no signing secret: set STRIPE_WEBHOOK_SECRET or pass --secret")
-        url = options["url"] or test_events.webhook_url()
+        url = options["url"] or webhook_url()
 
-        if options["type"] in test_events.ENDING_EVENT_TYPES:
+        if options["type"] in sample_events.ENDING_EVENT_TYPES:
             agent = self._agent(user, options["agent"])
-            events = test_events.build_ending_events(
+            events = sample_events.build_ending_events(
                 options["type"],
                 agent=agent,
                 partial=options["partial"],
@@ -65,7 +66,7 @@ class Command(BaseCommand):
             )
             about = f"agent {agent.pk}"
         else:
-            event = test_events.build_checkout_event(
+            event = sample_events.build_checkout_event(
                 options["type"],
                 user=user,
                 agent_name=options["agent_name"],
@@ -78,7 +79,7 @@ class Command(BaseCommand):
             about = f"session {event['data']['object']['id']}"
 
         for event in events:
-            response = test_events.post_event(event, url=url, secret=secret)
+            response = sample_events.post_event(event, url=url, secret=secret)
             self.stdout.write(
                 f"{event['type']} {event['id']} ({about}) -> {url}: "
                 f"{response.status_code} {response.text[:200]}"

@@ -3,7 +3,7 @@
 ``verify_run_token(token)`` either returns the run's identity or raises ``TokenInvalid`` with a
 precise reason. Every setting is read at call time, so tests can change them per test.
 
-Checks (DESIGN.md "HTTP contract"): RS256 signature by a key from the issuer's JWKS, issuer,
+Checks: RS256 signature by a key from the issuer's JWKS, issuer,
 audience, expiry (30 s leeway), the required claims, ``repository_id``, ``workflow_ref`` (our
 workflow file on our branch), ``ref``, ``event_name`` and ``runner_environment``. ``sub`` is
 deliberately not parsed: its format differs between repositories; the id claims do not.
@@ -31,10 +31,6 @@ logger = logging.getLogger(__name__)
 
 ALGORITHMS = ["RS256"]
 LEEWAY_SECONDS = 30
-JWKS_LIFESPAN_SECONDS = 3600
-# Minimum gap between forced JWKS refreshes on an unknown kid, so a stream of tokens with
-# made-up kids cannot make us hammer the issuer. Settable for tests that rotate keys.
-DEFAULT_REFRESH_COOLDOWN_SECONDS = 30.0
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "jti"]
 DEFAULT_EVENTS: tuple[str, ...] = ("workflow_dispatch",)
 
@@ -98,17 +94,14 @@ _clients_lock = threading.Lock()
 _keys: dict[tuple[int, str], tuple[Any, float]] = {}
 
 
-def _jwk_client(source: str) -> PyJWKClient:
-    lifespan = float(
-        getattr(settings, "PROVISIONING_OIDC_JWKS_LIFESPAN_SECONDS", JWKS_LIFESPAN_SECONDS)
-    )
-    cooldown = float(
-        getattr(
-            settings,
-            "PROVISIONING_OIDC_JWKS_REFRESH_COOLDOWN_SECONDS",
-            DEFAULT_REFRESH_COOLDOWN_SECONDS,
-        )
-    )
+def jwk_client(source: str) -> PyJWKClient:
+    """The key set client for `source` (an https URL or a file), one per source and settings.
+
+    PROVISIONING_OIDC_JWKS_REFRESH_COOLDOWN_SECONDS is the minimum gap between forced refreshes
+    on an unknown kid, so a stream of tokens with made-up kids cannot make us hammer the issuer.
+    """
+    lifespan = float(settings.PROVISIONING_OIDC_JWKS_LIFESPAN_SECONDS)
+    cooldown = float(settings.PROVISIONING_OIDC_JWKS_REFRESH_COOLDOWN_SECONDS)
     key = (source, lifespan, cooldown)
     with _clients_lock:
         client = _clients.get(key)
@@ -138,12 +131,8 @@ def reset_key_cache() -> None:
 # -- verification --------------------------------------------------------------------------------
 
 
-def _setting(name: str, default: Any = None) -> Any:
-    return getattr(settings, name, default)
-
-
-def _required_setting(name: str) -> str:
-    value = _setting(name)
+def _required(name: str, value: object) -> str:
+    """The value of setting `name`, which verification cannot do without."""
     if not value:
         raise ImproperlyConfigured(f"{name} must be set to verify workflow-run tokens")
     return str(value)
@@ -228,20 +217,20 @@ def verify_run_token(
     ``allowed_events``: the ``event_name`` values accepted (callbacks: ``workflow_dispatch``;
     a scheduled reaper could pass ``("schedule",)``).
     """
-    issuer = _required_setting("PROVISIONING_OIDC_ISSUER").rstrip("/")
-    audience = _required_setting("PROVISIONING_OIDC_AUDIENCE")
-    jwks_source = _required_setting("PROVISIONING_OIDC_JWKS_URL")
-    repository = _required_setting("GITHUB_REPOSITORY")
-    repository_id = _required_setting("GITHUB_REPOSITORY_ID")
-    workflow_file = _setting("GITHUB_WORKFLOW_FILE", "provision.yml")
-    branch = str(_setting("GITHUB_REF", "main")).removeprefix("refs/heads/")
-    runner_environments = _setting("PROVISIONING_OIDC_RUNNER_ENVIRONMENTS", ["github-hosted"])
+    issuer = _required("PROVISIONING_OIDC_ISSUER", settings.PROVISIONING_OIDC_ISSUER).rstrip("/")
+    audience = _required("PROVISIONING_OIDC_AUDIENCE", settings.PROVISIONING_OIDC_AUDIENCE)
+    jwks_source = _required("PROVISIONING_OIDC_JWKS_URL", settings.PROVISIONING_OIDC_JWKS_URL)
+    repository = _required("GITHUB_REPOSITORY", settings.GITHUB_REPOSITORY)
+    repository_id = _required("GITHUB_REPOSITORY_ID", settings.GITHUB_REPOSITORY_ID)
+    workflow_file = settings.GITHUB_WORKFLOW_FILE
+    branch = str(settings.GITHUB_REF).removeprefix("refs/heads/")
+    runner_environments = settings.PROVISIONING_OIDC_RUNNER_ENVIRONMENTS
     if isinstance(runner_environments, str):
         runner_environments = [runner_environments]
 
     if not isinstance(token, str) or not token:
         raise TokenInvalid("malformed token", "empty")
-    key = _signing_key(_jwk_client(jwks_source), token)
+    key = _signing_key(jwk_client(jwks_source), token)
     claims = _decode(token, key, issuer=issuer, audience=audience)
 
     expected_ref = f"refs/heads/{branch}"

@@ -1,15 +1,18 @@
-"""The customer dashboard (session login; each customer sees only their own agents)."""
+"""The customer dashboard (session login; each customer sees only their own agents).
 
-from django.urls import path
+config/urls.py includes these in the `dashboard` namespace, together with billing's buy page
+(`dashboard:agent-buy`), so provisioning never imports billing.
+"""
 
-from provisioning import views
+from django.urls import URLPattern, path
+
+from provisioning.web import views
 
 app_name = "dashboard"
 
-urlpatterns = [
+urlpatterns: list[URLPattern] = [
     path("", views.home, name="home"),
     path("agents/", views.agent_list, name="agent-list"),
-    path("agents/buy/", views.agent_buy, name="agent-buy"),
     path("agents/<uuid:agent_id>/", views.agent_detail, name="agent-detail"),
     path("agents/<uuid:agent_id>/status/", views.agent_status_partial, name="agent-status"),
     path("agents/<uuid:agent_id>/reprovision/", views.agent_reprovision, name="agent-reprovision"),

@@ -1,6 +1,7 @@
-"""Who is calling the runner callbacks: one attempt of one workflow run, proven by its OIDC token.
+"""Who is calling: one attempt of one workflow run, proven by its GitHub Actions OIDC token.
 
-`WorkflowRunAuthentication` turns `Authorization: Bearer <GitHub Actions ID token>` into
+`WorkflowRunAuthentication` (the callbacks: dispatched runs) and `ReaperRunAuthentication` (the
+reaper: scheduled or manually dispatched runs) turn `Authorization: Bearer <ID token>` into
 `request.auth = RunIdentity` (oidc.verify_run_token does every check). A missing header leaves
 the request anonymous, so `IsWorkflowRun` refuses it; DRF answers both with 401 and
 `WWW-Authenticate: Bearer` because `authenticate_header` is defined (DRF answers 403 otherwise).
@@ -17,8 +18,8 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from provisioning import oidc
-from provisioning.oidc import RunIdentity, TokenInvalid
+from provisioning.api import oidc
+from provisioning.api.oidc import RunIdentity, TokenInvalid
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class IsWorkflowRun(BasePermission):
 class WorkflowRunAuthenticationScheme(OpenApiAuthenticationExtension):
     """Describes the bearer scheme in the OpenAPI schema (drf-spectacular finds it by import)."""
 
-    target_class = "provisioning.authentication.WorkflowRunAuthentication"
+    target_class = "provisioning.api.authentication.WorkflowRunAuthentication"
     name = "workflowRunToken"
 
     def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
@@ -110,5 +111,32 @@ class WorkflowRunAuthenticationScheme(OpenApiAuthenticationExtension):
             "description": (
                 "A GitHub Actions OIDC ID token of a run of our workflow, minted fresh for every "
                 "call (its jti is single-use on claim, complete and fail)."
+            ),
+        }
+
+
+# --- the scheduled reaper -------------------------------------------------------------------------
+
+REAPER_EVENTS = ("schedule", "workflow_dispatch")
+
+
+class ReaperRunAuthentication(WorkflowRunAuthentication):
+    """The callbacks' token checks, for the reaper's events (`schedule`, manual `workflow_dispatch`)."""
+
+    allowed_events: tuple[str, ...] = REAPER_EVENTS
+
+
+class ReaperRunAuthenticationScheme(OpenApiAuthenticationExtension):
+    target_class = "provisioning.api.authentication.ReaperRunAuthentication"
+    name = "reaperRunToken"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": (
+                "A GitHub Actions OIDC ID token of a scheduled (or manually dispatched) run of "
+                "our workflow on our branch, minted fresh for the call."
             ),
         }

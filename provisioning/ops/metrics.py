@@ -1,40 +1,26 @@
-"""Monitoring doors: `/healthz` and `/metrics`, both computed from the database at request time.
+"""The Prometheus collector behind /metrics, and the worker's liveness that /healthz reports too.
 
-Every web process answers alike (no per-process counters): the numbers are SQL aggregates over
-the job table, each served by an index or bounded to a small set of rows.
-
-`/healthz` answers 200 while the database answers, and says whether a worker is alive:
-"ok" (a tick within max(3 x WORKER_INTERVAL_SECONDS, 60 s)), "stale" (older), "absent" (never).
-A dead worker does not make the web tier unhealthy (restarting web processes would not help), so
-it stays 200 with the problem spelled out; alert on `provisioning_worker_last_tick_age_seconds`.
-503 only when the database is unreachable.
+Every figure is computed from the database at scrape time (no per-process counters), so every
+web process answers alike: SQL aggregates over the job table, each served by an index or bounded
+to a small set of rows.
 """
 
 from __future__ import annotations
 
-import hmac
-import logging
 import math
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Min, Q, Sum
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
-from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from provisioning import selectors
-from provisioning.models import JobKind, JobStatus, ProvisioningJob, WorkerBeat
-
-logger = logging.getLogger(__name__)
+from provisioning.models import ACTIVE_STATUSES, JobKind, JobStatus, ProvisioningJob, WorkerBeat
 
 # Provisioning takes minutes; buckets from 30 s to 2 h (seconds).
 DURATION_BUCKETS = (30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200)
@@ -60,30 +46,6 @@ def worker_state(now: datetime) -> tuple[str, float | None]:
     return ("ok" if age <= worker_stale_after() else "stale"), age
 
 
-@require_GET
-@never_cache
-def healthz(request: HttpRequest) -> JsonResponse:
-    now = timezone.now()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        worker, age = worker_state(now)
-    except DatabaseError as exc:
-        logger.error("healthz: database unreachable: %s", exc)
-        return JsonResponse(
-            {"database": "unreachable", "worker": "unknown", "last_tick_age_seconds": None},
-            status=503,
-        )
-    return JsonResponse(
-        {
-            "database": "ok",
-            "worker": worker,
-            "last_tick_age_seconds": None if age is None else round(age, 3),
-            "worker_stale_after_seconds": worker_stale_after(),
-        }
-    )
-
-
 class JobCollector(Collector):
     """Prometheus figures read from the database at scrape time."""
 
@@ -105,18 +67,17 @@ class JobCollector(Collector):
             "Jobs waiting or in flight, by status and kind.",
             labels=["status", "kind"],
         )
-        active = [JobStatus.QUEUED, JobStatus.PROVISIONING]
         counts = {
-            (status, kind): n
-            for status, kind, n in ProvisioningJob.objects.filter(status__in=active)
+            (state, kind): n
+            for state, kind, n in ProvisioningJob.objects.filter(status__in=ACTIVE_STATUSES)
             .order_by()
             .values_list("status", "kind")
             .annotate(n=Count("pk"))
             .values_list("status", "kind", "n")
         }
-        for status in active:
+        for state in ACTIVE_STATUSES:
             for kind in JobKind.values:
-                jobs.add_metric([status, kind], counts.get((status, kind), 0))
+                jobs.add_metric([state, kind], counts.get((state, kind), 0))
         yield jobs
         yield GaugeMetricFamily(
             "provisioning_failed_jobs",
@@ -189,8 +150,8 @@ class JobCollector(Collector):
             status__in=[JobStatus.RUNNING, JobStatus.FAILED],
         )
         by_outcome = {
-            (status, kind): n
-            for status, kind, n in finished.order_by()
+            (outcome, kind): n
+            for outcome, kind, n in finished.order_by()
             .values_list("status", "kind")
             .annotate(n=Count("pk"))
             .values_list("status", "kind", "n")
@@ -200,9 +161,9 @@ class JobCollector(Collector):
             "Jobs that ended in the last 24 hours, by outcome (running = succeeded) and kind.",
             labels=["outcome", "kind"],
         )
-        for status in (JobStatus.RUNNING, JobStatus.FAILED):
+        for outcome in (JobStatus.RUNNING, JobStatus.FAILED):
             for kind in JobKind.values:
-                outcomes.add_metric([status, kind], by_outcome.get((status, kind), 0))
+                outcomes.add_metric([outcome, kind], by_outcome.get((outcome, kind), 0))
         yield outcomes
 
         # claimed_at -> completed_at of the attempt that succeeded, bucketed in SQL.
@@ -240,33 +201,3 @@ class JobCollector(Collector):
         yield GaugeMetricFamily(
             "provisioning_workers_alive", "Workers that ticked recently.", value=alive
         )
-
-
-def _metrics_authorized(request: HttpRequest) -> bool:
-    token = getattr(settings, "METRICS_TOKEN", "")
-    if not token:
-        return True
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        presented.strip().encode(), str(token).encode()
-    )
-
-
-@require_GET
-@never_cache
-def metrics(request: HttpRequest) -> HttpResponse:
-    if not _metrics_authorized(request):
-        response = JsonResponse(
-            {"detail": "A valid metrics token is required.", "code": "not_authenticated"},
-            status=401,
-        )
-        response["WWW-Authenticate"] = "Bearer"
-        return response
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(JobCollector())
-    try:
-        body = generate_latest(registry)
-    except DatabaseError as exc:
-        logger.error("metrics: database unreachable: %s", exc)
-        return HttpResponse("database unreachable\n", status=503, content_type="text/plain")
-    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

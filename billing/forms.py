@@ -1,4 +1,4 @@
-"""Forms for the customer dashboard."""
+"""The dashboard's "Buy an agent" form: a name and a region, then off to Checkout."""
 
 from __future__ import annotations
 

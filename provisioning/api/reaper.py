@@ -1,57 +1,28 @@
 """`POST /api/v1/reaper/verdicts`: the scheduled reaper asks which of our VMs may be deleted.
 
-Authenticated like the run callbacks — a GitHub Actions OIDC token of our workflow file on our
-branch, every check of `oidc.verify_run_token` — except that the run is a scheduled one
-(`event_name` `schedule`), or a manual `workflow_dispatch`. No `jti` is spent: the call only
-reads, apart from the audit notes it leaves on the jobs whose VMs are condemned.
+Authenticated like the run callbacks (a GitHub Actions OIDC token of our workflow file on our
+branch, every check of `oidc.verify_run_token`) except that the run is a scheduled one
+(`event_name` `schedule`) or a manual `workflow_dispatch`: see ReaperRunAuthentication in
+authentication.py. No `jti` is spent: the call only reads, apart from the audit notes it leaves
+on the jobs whose VMs are condemned.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from provisioning import reaper
-from provisioning.apis import ErrorSerializer, StrictCharField, ValidationErrorSerializer
-from provisioning.apis import WorkflowRunApi as _WorkflowRunApi
-from provisioning.authentication import (
-    WorkflowRunAuthentication,
-)
+from provisioning.api.authentication import ReaperRunAuthentication
+from provisioning.api.callbacks import WorkflowRunApi
+from provisioning.api.errors import ErrorSerializer, ValidationErrorSerializer
+from provisioning.api.fields import StrictCharField
+from provisioning.api.oidc import RunIdentity
 from provisioning.models import Actor
-from provisioning.oidc import RunIdentity
 
-logger = logging.getLogger(__name__)
-
-REAPER_EVENTS = ("schedule", "workflow_dispatch")
 MAX_SERVERS = 1000
-
-
-class ReaperRunAuthentication(WorkflowRunAuthentication):
-    """The callbacks' token checks, for the reaper's events (`schedule`, manual `workflow_dispatch`)."""
-
-    allowed_events: tuple[str, ...] = REAPER_EVENTS
-
-
-class ReaperRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
-    target_class = "provisioning.apis_reaper.ReaperRunAuthentication"
-    name = "reaperRunToken"
-
-    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
-        return {
-            "type": "http",
-            "scheme": "bearer",
-            "bearerFormat": "JWT",
-            "description": (
-                "A GitHub Actions OIDC ID token of a scheduled (or manually dispatched) run of "
-                "our workflow on our branch, minted fresh for the call."
-            ),
-        }
 
 
 class ManagedServerSerializer(serializers.Serializer):
@@ -101,7 +72,7 @@ class ReaperVerdictSerializer(serializers.Serializer):
         ref_name = "ReaperVerdict"
 
 
-class ReaperVerdictsApi(_WorkflowRunApi):
+class ReaperVerdictsApi(WorkflowRunApi):
     authentication_classes = [ReaperRunAuthentication]
 
     class InputSerializer(serializers.Serializer):

@@ -13,13 +13,37 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404
-from rest_framework import exceptions, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from provisioning.errors import ProvisioningError
 
 INVALID_BODY = "The request body is invalid."
+
+
+# --- the shapes, for the schema (the handler below writes them) ---------------------------------
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    code = serializers.CharField(help_text="Stable machine-readable reason, e.g. fenced_out.")
+
+    class Meta:
+        ref_name = "Error"
+
+
+class ValidationErrorSerializer(ErrorSerializer):
+    errors = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        help_text="Field name (or non_field_errors) to its messages.",
+    )
+
+    class Meta:
+        ref_name = "ValidationError"
+
+
+# --- the handler (settings.REST_FRAMEWORK["EXCEPTION_HANDLER"]) ---------------------------------
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:

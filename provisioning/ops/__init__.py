@@ -1,0 +1,1 @@
+"""Monitoring doors: /healthz and /metrics."""
