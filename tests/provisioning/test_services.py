@@ -29,7 +29,7 @@ pytestmark = pytest.mark.django_db
 
 
 def actions(job: ProvisioningJob) -> list[str]:
-    return list(JobEvent.objects.filter(job=job).values_list("action", flat=True))
+    return list(JobEvent.objects.filter(job=job).order_by("id").values_list("action", flat=True))
 
 
 # --- enqueue ---------------------------------------------------------------------------------
