@@ -2,9 +2,9 @@
 
 The workflow lists every Hetzner server labelled `managed-by=agent-provisioning` and sends each
 one's id, name, `job-id` and `agent-id` labels and creation time; `reaper_verdicts` judges each
-against the database, one rule function per rule below (`RULES`, in this order), and
-`reaper_judge` also records the deletions on the related jobs. The
-workflow deletes exactly the servers answered under `delete`.
+against the database with one function per rule below (`RULES`, in this order), and
+`reaper_judge` also records the deletions on the related jobs. The workflow deletes exactly the
+servers answered under `delete`.
 
 Rules, in the order they are applied (the first that matches decides):
 
