@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
-# The seed's user-facing refusal, kept word for word.
+# What a customer reads when a new provision is refused while one is under way (kept word for word).
 PROVISION_IN_PROGRESS_MESSAGE = (
     "A provisioning job is already in progress. Please wait for it to complete."
 )

@@ -105,7 +105,7 @@ class Region(models.TextChoices):
 
 
 def default_max_retries() -> int:
-    return int(getattr(settings, "MAX_RETRIES", 3))
+    return int(settings.MAX_RETRIES)
 
 
 class Agent(models.Model):
@@ -135,7 +135,6 @@ class Agent(models.Model):
     end_reason = models.CharField(max_length=255, blank=True, default="")
 
     class Meta:
-        ordering = ["-created_at"]
         indexes = [
             # Serves the dashboard's "my agents, newest first".
             models.Index(fields=["owner", "-created_at"], name="agent_owner_newest"),
@@ -151,7 +150,7 @@ class Agent(models.Model):
 
 
 class ProvisioningJob(models.Model):
-    # --- the seed's 16 columns ---
+    # --- what every job has: its agent and customer, state, run, retries and timestamps ---
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="jobs")
     user = models.ForeignKey(
@@ -188,7 +187,6 @@ class ProvisioningJob(models.Model):
     reconciled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        ordering = ["-created_at"]
         constraints = [
             # choices= is only checked by full_clean(); .update() would write anything.
             models.CheckConstraint(
@@ -254,9 +252,6 @@ class ProvisioningJob(models.Model):
     def __str__(self) -> str:
         return f"{self.kind} {str(self.pk)[:8]} ({self.status}, attempt {self.attempt})"
 
-    def can_become(self, new: str) -> bool:
-        return can_transition(self.status, new)
-
     def allows(self, move: Move) -> bool:
         """Whether `move` may start from this job's current state (provisioning/state.py)."""
         return move.allows(self.status)
@@ -296,16 +291,16 @@ class ProvisioningJob(models.Model):
         return str(self.pk)[:8]
 
     def silent_since(self) -> datetime:
-        """The seed's timeout clock: last heartbeat, else claim, else last update."""
+        """What the timeout measures silence from: last heartbeat, else claim, else last update."""
         return self.last_heartbeat_at or self.claimed_at or self.updated_at
 
     def is_stale(self, *, now: datetime, timeout_seconds: int) -> bool:
-        if self.status != JobStatus.PROVISIONING:
+        if not self.is_provisioning:
             return False
         return now - self.silent_since() > timedelta(seconds=timeout_seconds)
 
     def is_past_deadline(self, *, now: datetime, deadline_seconds: int) -> bool:
-        if self.status != JobStatus.PROVISIONING or self.claimed_at is None:
+        if not self.is_provisioning or self.claimed_at is None:
             return False
         return now - self.claimed_at > timedelta(seconds=deadline_seconds)
 
@@ -346,7 +341,6 @@ class JobEvent(models.Model):
     reason = models.TextField(blank=True, default="")
 
     class Meta:
-        ordering = ["created_at", "id"]
         indexes = [
             models.Index(fields=["job", "created_at"], name="jobevent_job_time"),
             # Serves the claim check "was this run ever dispatched for this job?".

@@ -2,8 +2,9 @@
 
 The workflow lists every Hetzner server labelled `managed-by=agent-provisioning` and sends each
 one's id, name, `job-id` and `agent-id` labels and creation time; `reaper_verdicts` judges each
-against the database and `reaper_judge` also records the deletions on the related jobs. The
-workflow deletes exactly the servers answered under `delete`.
+against the database with one function per rule below (`RULES`, in this order), and
+`reaper_judge` also records the deletions on the related jobs. The workflow deletes exactly the
+servers answered under `delete`.
 
 Rules, in the order they are applied (the first that matches decides):
 
@@ -29,7 +30,7 @@ matches: a run may have just created it and not reported back yet.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -38,16 +39,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from provisioning.models import (
-    ACTIVE_STATUSES,
-    Agent,
-    JobEvent,
-    JobKind,
-    JobStatus,
-    ProvisioningJob,
-)
-
-DEFAULT_GRACE_SECONDS = 1800
+from provisioning.models import Agent, JobEvent, JobKind, ProvisioningJob
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ class Verdict:
 
 
 def grace_period() -> timedelta:
-    return timedelta(seconds=int(getattr(settings, "REAPER_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)))
+    return timedelta(seconds=settings.REAPER_GRACE_SECONDS)
 
 
 def _uuid(value: str) -> uuid.UUID | None:
@@ -118,107 +110,210 @@ def _age(server: ManagedServer, now: datetime) -> timedelta | None:
     return now - created
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the database knows about one server, as its rules read it."""
+
+    server: ManagedServer
+    job: ProvisioningJob | None  # the job its `job-id` label names
+    labelled_agent: Agent | None  # the agent its `agent-id` label names
+    agent: Agent | None  # the labelled agent, else its job's agent
+    related: ProvisioningJob | None  # its job, else the agent's latest job (for the audit note)
+    latest: ProvisioningJob | None  # the agent's latest provision job
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a rule says: delete (after the grace period) or keep, and why."""
+
+    delete: bool
+    reason: str
+
+
+def _keep(reason: str) -> Decision:
+    return Decision(False, reason)
+
+
+def _delete(reason: str) -> Decision:
+    return Decision(True, reason)
+
+
+def _agent_alive(facts: Facts) -> Agent | None:
+    agent = facts.agent
+    return agent if agent is not None and not agent.is_ended else None
+
+
+# --- never deleted ---------------------------------------------------------------------------
+
+
+def rule_current_vm(facts: Facts) -> Decision | None:
+    """1. The current VM of a non-ended agent."""
+    agent = _agent_alive(facts)
+    if agent is not None and agent.server_id == facts.server.server_id:
+        return _keep(f"current VM of agent {agent.pk}")
+    return None
+
+
+def rule_job_active(facts: Facts) -> Decision | None:
+    """2. A VM whose job is queued or provisioning."""
+    job = facts.job
+    if job is not None and job.is_active:
+        return _keep(f"its job {job.pk} is {job.status}")
+    return None
+
+
+def rule_rebuild_under_way(facts: Facts) -> Decision | None:
+    """3. A VM of an agent whose latest provision job is queued or provisioning."""
+    agent, latest = _agent_alive(facts), facts.latest
+    if agent is not None and latest is not None and latest.is_active:
+        return _keep(f"agent {agent.pk} has provision job {latest.pk} {latest.status}")
+    return None
+
+
+def rule_labels_disagree(facts: Facts) -> Decision | None:
+    """4. A VM whose job belongs to another agent than its label says."""
+    job, labelled = facts.job, facts.labelled_agent
+    if job is not None and labelled is not None and job.agent_id != labelled.pk:
+        return _keep(
+            f"labels disagree: job {job.pk} belongs to agent {job.agent_id}, "
+            f"not {labelled.pk}; left for an operator"
+        )
+    return None
+
+
+# --- deleted, once older than the grace period -----------------------------------------------
+
+
+def rule_unknown(facts: Facts) -> Decision | None:
+    """5. No job and no agent in the database knows it."""
+    if facts.job is None and facts.agent is None:
+        return _delete("no job or agent in the database knows it")
+    return None
+
+
+def rule_agent_ended(facts: Facts) -> Decision | None:
+    """6. Its agent has ended."""
+    agent = facts.agent
+    if agent is not None and agent.is_ended:
+        return _delete(f"agent {agent.pk} ended ({agent.end_reason or 'no reason recorded'})")
+    return None
+
+
+def rule_failed_provision(facts: Facts) -> Decision | None:
+    """7. Its job is a failed provision."""
+    job = facts.job
+    if job is not None and not job.is_deprovision and job.is_failed:
+        return _delete(f"its job {job.pk} is a failed provision")
+    return None
+
+
+def rule_orphan_duplicate(facts: Facts) -> Decision | None:
+    """8. The agent's latest provision is running and its current VM is another server (an agent
+    running with no recorded server is left for an operator)."""
+    agent, latest = facts.agent, facts.latest
+    if latest is None or agent is None or not latest.is_running:
+        return None
+    if not agent.server_id:
+        return _keep(
+            f"agent {agent.pk} is running but has no recorded server; left for an operator"
+        )
+    return _delete(
+        f"orphan duplicate: agent {agent.pk} runs on server {agent.server_id} "
+        f"(provision job {latest.pk})"
+    )
+
+
+# The rules in the order they are applied: the first that says something decides.
+RULES: tuple[Callable[[Facts], Decision | None], ...] = (
+    rule_current_vm,
+    rule_job_active,
+    rule_rebuild_under_way,
+    rule_labels_disagree,
+    rule_unknown,
+    rule_agent_ended,
+    rule_failed_provision,
+    rule_orphan_duplicate,
+)
+
+
+def decide(facts: Facts) -> Decision:
+    """The first rule's decision; kept when no rule says anything."""
+    for rule in RULES:
+        decision = rule(facts)
+        if decision is not None:
+            return decision
+    return _keep("nothing says it is orphaned")
+
+
+def _verdict(facts: Facts, *, now: datetime, grace: timedelta) -> Verdict:
+    """A delete decision stands only for a VM known to be older than the grace period."""
+    server_id, related = facts.server.server_id, facts.related
+    decision = decide(facts)
+    if not decision.delete:
+        return Verdict(server_id, False, decision.reason, related)
+    why = decision.reason
+    age = _age(facts.server, now)
+    if age is None:
+        return Verdict(
+            server_id, False, f"would delete ({why}) but its creation time is unknown", related
+        )
+    if age < grace:
+        return Verdict(
+            server_id,
+            False,
+            f"would delete ({why}) but it is {int(age.total_seconds())}s old, "
+            f"inside the {int(grace.total_seconds())}s grace period",
+            related,
+        )
+    return Verdict(server_id, True, why, related)
+
+
+def _distinct(servers: Sequence[ManagedServer]) -> list[ManagedServer]:
+    """A server sent twice is judged once, by its first description."""
+    unique: list[ManagedServer] = []
+    seen: set[str] = set()
+    for server in servers:
+        if server.server_id not in seen:
+            seen.add(server.server_id)
+            unique.append(server)
+    return unique
+
+
+def _facts(servers: list[ManagedServer]) -> list[Facts]:
+    """Each server's facts, in a fixed handful of queries whatever the number of servers."""
+    job_ids = {u for s in servers if (u := _uuid(s.job_id))}
+    jobs = {j.pk: j for j in ProvisioningJob.objects.filter(pk__in=job_ids)}
+    agent_ids = {u for s in servers if (u := _uuid(s.agent_id))} | {
+        j.agent_id for j in jobs.values()
+    }
+    agents = {a.pk: a for a in Agent.objects.filter(pk__in=agent_ids)}
+    latest_provision = _latest_provisions(agents)
+    latest_any = _latest_any(agents)
+    facts = []
+    for server in servers:
+        job = _by_label(jobs, server.job_id)
+        labelled_agent = _by_label(agents, server.agent_id)
+        agent = labelled_agent or (agents.get(job.agent_id) if job else None)
+        facts.append(
+            Facts(
+                server=server,
+                job=job,
+                labelled_agent=labelled_agent,
+                agent=agent,
+                related=job or (latest_any.get(agent.pk) if agent else None),
+                latest=latest_provision.get(agent.pk) if agent else None,
+            )
+        )
+    return facts
+
+
 def reaper_verdicts(
     *, servers: Sequence[ManagedServer], now: datetime | None = None
 ) -> list[Verdict]:
     """One verdict per distinct server id, in the order first given. Reads only."""
     now = now or timezone.now()
     grace = grace_period()
-    unique: list[ManagedServer] = []
-    seen: set[str] = set()
-    for server in servers:  # a server sent twice is judged once, by its first description
-        if server.server_id not in seen:
-            seen.add(server.server_id)
-            unique.append(server)
-
-    job_ids = {u for s in unique if (u := _uuid(s.job_id))}
-    jobs = {j.pk: j for j in ProvisioningJob.objects.filter(pk__in=job_ids)}
-    agent_ids = {u for s in unique if (u := _uuid(s.agent_id))} | {
-        j.agent_id for j in jobs.values()
-    }
-    agents = {a.pk: a for a in Agent.objects.filter(pk__in=agent_ids)}
-    latest_provision = _latest_provisions(agents)
-    latest_any = _latest_any(agents)
-
-    verdicts: list[Verdict] = []
-    for server in unique:
-        job = _by_label(jobs, server.job_id)
-        labelled_agent = _by_label(agents, server.agent_id)
-        agent = labelled_agent or (agents.get(job.agent_id) if job else None)
-        related = job or (latest_any.get(agent.pk) if agent else None)
-        latest = latest_provision.get(agent.pk) if agent else None
-
-        def keep(
-            reason: str,
-            *,
-            server: ManagedServer = server,
-            related: ProvisioningJob | None = related,
-        ) -> Verdict:
-            return Verdict(server.server_id, False, reason, related)
-
-        # -- never ---------------------------------------------------------------------------
-        if agent is not None and not agent.is_ended and agent.server_id == server.server_id:
-            verdicts.append(keep(f"current VM of agent {agent.pk}"))
-            continue
-        if job is not None and job.status in ACTIVE_STATUSES:
-            verdicts.append(keep(f"its job {job.pk} is {job.status}"))
-            continue
-        if (
-            agent is not None
-            and not agent.is_ended
-            and latest is not None
-            and latest.status in ACTIVE_STATUSES
-        ):
-            verdicts.append(keep(f"agent {agent.pk} has provision job {latest.pk} {latest.status}"))
-            continue
-        if job is not None and labelled_agent is not None and job.agent_id != labelled_agent.pk:
-            verdicts.append(
-                keep(
-                    f"labels disagree: job {job.pk} belongs to agent {job.agent_id}, "
-                    f"not {labelled_agent.pk}; left for an operator"
-                )
-            )
-            continue
-
-        # -- delete, after the grace period --------------------------------------------------
-        why = ""
-        if job is None and agent is None:
-            why = "no job or agent in the database knows it"
-        elif agent is not None and agent.is_ended:
-            why = f"agent {agent.pk} ended ({agent.end_reason or 'no reason recorded'})"
-        elif job is not None and job.kind == JobKind.PROVISION and job.status == JobStatus.FAILED:
-            why = f"its job {job.pk} is a failed provision"
-        elif latest is not None and latest.status == JobStatus.RUNNING and agent is not None:
-            if agent.server_id:
-                why = (
-                    f"orphan duplicate: agent {agent.pk} runs on server {agent.server_id} "
-                    f"(provision job {latest.pk})"
-                )
-            else:
-                verdicts.append(
-                    keep(
-                        f"agent {agent.pk} is running but has no recorded server; "
-                        "left for an operator"
-                    )
-                )
-                continue
-        if not why:
-            verdicts.append(keep("nothing says it is orphaned"))
-            continue
-        age = _age(server, now)
-        if age is None:
-            verdicts.append(keep(f"would delete ({why}) but its creation time is unknown"))
-            continue
-        if age < grace:
-            verdicts.append(
-                keep(
-                    f"would delete ({why}) but it is {int(age.total_seconds())}s old, "
-                    f"inside the {int(grace.total_seconds())}s grace period"
-                )
-            )
-            continue
-        verdicts.append(Verdict(server.server_id, True, why, related))
-    return verdicts
+    return [_verdict(f, now=now, grace=grace) for f in _facts(_distinct(servers))]
 
 
 def reaper_judge(

@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet, Subquery
+from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce, Greatest
 
 from provisioning.models import Agent, JobEvent, JobKind, JobStatus, ProvisioningJob
@@ -18,12 +18,12 @@ def job_get(*, job_id: UUID | str) -> ProvisioningJob | None:
 
 
 def job_get_by_stripe_event_id(*, stripe_event_id: str) -> ProvisioningJob | None:
-    """The seed's getJobByStripeEventId."""
+    """The job a Stripe event made, if any (the unique stripe_event_id)."""
     return ProvisioningJob.objects.filter(stripe_event_id=stripe_event_id).first()
 
 
 def job_get_latest_for_agent(*, agent_id: UUID | str) -> ProvisioningJob | None:
-    """The seed's getJobByAgentId: the agent's most recent job (index job_agent_latest)."""
+    """The agent's most recent job (index job_agent_latest)."""
     return ProvisioningJob.objects.filter(agent_id=agent_id).order_by("-created_at").first()
 
 
@@ -35,7 +35,7 @@ def job_list_stale(
 ) -> QuerySet[ProvisioningJob]:
     """Provisioning jobs silent for longer than the timeout, or past their attempt's deadline.
 
-    Silence is the seed's clock: last heartbeat, else claim, else last update. Served by the
+    Silence is measured from the last heartbeat, else the claim, else the last update. Served by the
     partial index job_in_flight (only provisioning rows are scanned, however big the table).
     """
     timeout = timeout_seconds if timeout_seconds is not None else settings.JOB_TIMEOUT_SECONDS
@@ -43,7 +43,6 @@ def job_list_stale(
     silent_since = Coalesce("last_heartbeat_at", "claimed_at", "updated_at")
     return (
         ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING)
-        .order_by()  # no Meta.ordering: the planner should use job_in_flight, not job_status_newest
         .alias(silent_since=silent_since)
         .filter(
             Q(silent_since__lt=now - timedelta(seconds=timeout))
@@ -53,7 +52,7 @@ def job_list_stale(
 
 
 def job_list_due(*, now: datetime) -> QuerySet[ProvisioningJob]:
-    """Queued jobs a dispatcher may hand to a runner now, oldest first (DESIGN.md, "Due").
+    """Queued jobs a dispatcher may hand to a runner now, oldest first.
 
     Due: queued; out of backoff; not dispatched within DISPATCH_CLAIM_TIMEOUT_SECONDS (a dispatch
     nobody claimed in that window is re-sent); the oldest queued job of its user; and that user has
@@ -89,7 +88,7 @@ def job_list_cleanup_due() -> QuerySet[ProvisioningJob]:
 
 def job_queue_position(*, job: ProvisioningJob) -> int | None:
     """1 for the next job to go; None unless queued. Counts older queued jobs."""
-    if job.status != JobStatus.QUEUED:
+    if not job.is_queued:
         return None
     return (
         ProvisioningJob.objects.filter(
@@ -118,15 +117,6 @@ def agent_list_for_user(*, user: Any) -> QuerySet[Agent]:
 def agent_get_for_user(*, user: Any, agent_id: UUID | str) -> Agent | None:
     """One of the customer's own agents; None for anyone else's (callers answer 404)."""
     return agent_list_for_user(user=user).filter(pk=agent_id).first()
-
-
-def job_counts_by_status() -> dict[str, int]:
-    return dict(
-        ProvisioningJob.objects.order_by()
-        .values_list("status")
-        .annotate(n=Count("pk"))
-        .values_list("status", "n")
-    )
 
 
 # --- deadlines and reconciliation (each over provisioning or queued rows only: partial indexes) ---

@@ -51,7 +51,7 @@ class EventAction(models.TextChoices):
     RETRY = "retry", "Retried by operator"
     REDISPATCH = "redispatch", "Re-dispatch requested"
     CLEANUP = "cleanup", "Cleanup run sent"
-    NOTE = "note", "Note"  # an operator- or system-written remark; changes nothing
+    NOTE = "note", "Note"  # an operator- or system-written remark (the reaper's): not a move
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,23 @@ class Move:
         """False for moves that keep the state (dispatch, heartbeat): their events name no from → to."""
         return self.target not in self.sources
 
+    @property
+    def creates(self) -> bool:
+        """True for the move that makes the job: there is no state before it."""
+        return not self.sources
+
     def allows(self, status: str) -> bool:
         return status in self.sources
+
+    def event_statuses(self, was: str) -> tuple[str, str]:
+        """The (from_status, to_status) its JobEvent records, starting from `was`.
+
+        Blank for moves that keep the state (their events name no from → to); a creating move
+        starts from nothing (`was` is "").
+        """
+        if not self.changes_status:
+            return "", ""
+        return was, self.target
 
     def __str__(self) -> str:
         return self.name
@@ -127,3 +142,11 @@ assert set(ACTIVE_STATUSES) == CANCEL.sources
 
 def can_transition(current: str, new: str) -> bool:
     return new in TRANSITIONS.get(current, frozenset())
+
+
+def fail_move(*, timeout: bool, retries_left: bool) -> Move:
+    """The one fail path's outcome: a reported failure or a timeout, requeued while retries are
+    left, otherwise failed for good."""
+    if timeout:
+        return TIMEOUT_REQUEUE if retries_left else TIMEOUT
+    return FAIL_REQUEUE if retries_left else FAIL

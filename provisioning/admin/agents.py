@@ -23,8 +23,15 @@ from django.utils.safestring import SafeString
 
 from provisioning import services
 from provisioning.admin import search
-from provisioning.admin.common import EstimatedCountPaginator, ReadOnlyAdmin, ago, run_link
-from provisioning.admin.jobs import _level, _skip_reason, action_report
+from provisioning.admin.common import (
+    EstimatedCountPaginator,
+    ReadOnlyAdmin,
+    action_report,
+    ago,
+    report_level,
+    run_link,
+    skip_reason,
+)
 from provisioning.errors import ProvisioningError
 from provisioning.models import Actor, Agent, JobEvent, JobStatus, ProvisioningJob
 
@@ -192,13 +199,15 @@ class AgentAdmin(ReadOnlyAdmin):
             try:
                 job = services.agent_end(agent_id=agent.pk, actor=actor, reason=reason)
             except ProvisioningError as error:
-                skipped[_skip_reason(error)] += 1
+                skipped[skip_reason(error)] += 1
                 continue
             if job.created_at >= started:
                 ended += 1
             else:  # agent_end is idempotent: it handed back the earlier deprovision job
                 skipped["already ended"] += 1
-        self.message_user(request, action_report("ended", ended, skipped), _level(ended, skipped))
+        self.message_user(
+            request, action_report("ended", ended, skipped), report_level(ended, skipped)
+        )
         return None
 
     def _end_confirmation(

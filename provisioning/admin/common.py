@@ -1,16 +1,17 @@
 """What the console's admin pages share: read-only state, a paginator that never counts a million
-rows, compact ages and safe links to workflow runs.
+rows, compact ages, safe links to workflow runs, and how an action reports what it did.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.paginator import Paginator
 from django.db import connections
@@ -19,6 +20,9 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
+
+from provisioning import backends
+from provisioning.errors import ProvisioningError
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +172,6 @@ def run_url(run_id: str | None) -> str | None:
     if not run_id:
         return None
     try:
-        from provisioning import backends
-
         return backends.get_backend().run_url(run_id=run_id)
     except Exception:  # a misconfigured backend must not break the console
         logger.warning("no run link for %s: backend unavailable", run_id, exc_info=True)
@@ -193,3 +195,36 @@ def local_time(moment: datetime | None) -> str:
 
 def seconds(value: timedelta) -> int:
     return int(value.total_seconds())
+
+
+# --- what an action reports ------------------------------------------------------------------
+
+
+def action_report(verb: str, changed: int, skipped: Counter[str]) -> str:
+    """`2 retried, 1 skipped (1 was running).`"""
+    total = sum(skipped.values())
+    text = f"{changed} {verb}, {total} skipped"
+    if total:
+        ordered = sorted(skipped.items(), key=lambda item: (-item[1], item[0]))
+        reasons = ", ".join(f"{n} {why}" for why, n in ordered)
+        text += f" ({reasons})"
+    return text + "."
+
+
+def skip_reason(error: ProvisioningError) -> str:
+    """Why an action left one object alone, in a few words (`was running`, `agent ended`)."""
+    current = getattr(error, "current", None)
+    if current:
+        return f"was {current}"
+    return {
+        "agent_ended": "agent ended",
+        "provision_in_progress": "agent already has an active job",
+        "not_found": "no longer exists",
+    }.get(error.code, error.code)
+
+
+def report_level(changed: int, skipped: Counter[str]) -> int:
+    """The message level of an action's report: error if nothing changed, warning if some skipped."""
+    if not changed:
+        return messages.ERROR if skipped else messages.INFO
+    return messages.WARNING if skipped else messages.SUCCESS

@@ -26,20 +26,25 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
+from djstripe.models import Event as StripeEvent
 
 from provisioning import selectors, services
 from provisioning.admin import search
 from provisioning.admin.common import (
     EstimatedCountPaginator,
     ReadOnlyAdmin,
+    action_report,
     ago,
     capped_count,
     duration,
     local_time,
+    report_level,
     run_link,
+    skip_reason,
 )
 from provisioning.errors import ProvisioningError
-from provisioning.models import Actor, JobKind, JobStatus, ProvisioningJob
+from provisioning.models import Actor, JobStatus, ProvisioningJob
+from provisioning.state import CANCEL, REDISPATCH, RETRY, TIMEOUT, Move
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +77,29 @@ class FailedStepFilter(admin.ChoicesFieldListFilter):
 
 @dataclass(frozen=True)
 class JobAction:
-    """One operator action: the service it calls and the jobs it applies to."""
+    """One operator action: the service it calls and the move that service performs.
+
+    The move says which jobs the action applies to (`move.sources`); the console offers it on a
+    job's page only where `job.allows(move)`.
+    """
 
     name: str
     verb: str  # past tense for the report: "3 retried"
     label: str
     permission: str
-    applies_to: tuple[str, ...]
+    move: Move
     service: Callable[..., Any]
     destructive: bool
     consequence: str
+
+    @property
+    def applies_to(self) -> frozenset[str]:
+        """The states of the jobs this action can change: its move's sources."""
+        return self.move.sources
+
+    def applies(self, job: ProvisioningJob) -> bool:
+        """Whether this action can change `job` (its move may start from the job's state)."""
+        return job.allows(self.move)
 
 
 ACTIONS = {
@@ -92,7 +110,7 @@ ACTIONS = {
             verb="retried",
             label="Retry",
             permission="retry_job",
-            applies_to=(JobStatus.FAILED,),
+            move=RETRY,
             service=services.job_retry,
             destructive=False,
             consequence="Failed jobs go back to queued with a fresh set of retries.",
@@ -102,7 +120,7 @@ ACTIONS = {
             verb="cancelled",
             label="Cancel",
             permission="cancel_job",
-            applies_to=(JobStatus.QUEUED, JobStatus.PROVISIONING),
+            move=CANCEL,
             service=services.job_cancel,
             destructive=True,
             consequence=(
@@ -115,7 +133,7 @@ ACTIONS = {
             verb="timed out",
             label="Time out now",
             permission="timeout_job",
-            applies_to=(JobStatus.PROVISIONING,),
+            move=TIMEOUT,
             service=services.job_force_timeout,
             destructive=True,
             consequence=(
@@ -128,24 +146,13 @@ ACTIONS = {
             verb="re-dispatched",
             label="Re-dispatch",
             permission="redispatch_job",
-            applies_to=(JobStatus.QUEUED,),
+            move=REDISPATCH,
             service=services.job_redispatch,
             destructive=False,
             consequence="Queued jobs forget their unclaimed run and backoff and are sent again now.",
         ),
     ]
 }
-
-
-def _skip_reason(error: ProvisioningError) -> str:
-    current = getattr(error, "current", None)
-    if current:
-        return f"was {current}"
-    return {
-        "agent_ended": "agent ended",
-        "provision_in_progress": "agent already has an active job",
-        "not_found": "no longer exists",
-    }.get(error.code, error.code)
 
 
 @admin.register(ProvisioningJob)
@@ -251,7 +258,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
 
     @admin.display(description="job")
     def short_id(self, job: ProvisioningJob) -> SafeString | str:
-        if job.kind != JobKind.PROVISION:  # the rare kind is tagged; provisions are the default
+        if job.is_deprovision:  # the rare kind is tagged; provisions are the default
             return format_html('{} <span class="job-kind">{}</span>', job.short_id, job.kind)
         return job.short_id
 
@@ -289,15 +296,15 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
 
     @admin.display(description="step")
     def step_progress(self, job: ProvisioningJob) -> SafeString | str:
-        if job.status == JobStatus.FAILED:
+        if job.is_failed:
             return format_html(
                 '<span class="job-failed-step" title="{}">✗ {}</span>',
                 job.error[:300],
                 job.failed_step or "?",
             )
-        if job.status == JobStatus.RUNNING:
+        if job.is_running:
             return "done"
-        if job.status == JobStatus.QUEUED:
+        if job.is_queued:
             if job.failed_step:  # requeued after a failure: say which
                 return format_html(
                     '<span title="{}">retry after {}</span>', job.error[:300], job.failed_step
@@ -314,7 +321,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
 
     @admin.display(description="heartbeat")
     def heartbeat(self, job: ProvisioningJob) -> SafeString | str:
-        if job.status != JobStatus.PROVISIONING:
+        if not job.is_provisioning:
             return "—"
         now = timezone.now()
         silent = ago(job.silent_since(), now=now)
@@ -398,7 +405,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
         offered = []
         if job is not None:
             for action in ACTIONS.values():
-                if job.status in action.applies_to and self._has(request, action.permission):
+                if action.applies(job) and self._has(request, action.permission):
                     offered.append(action)
         extra_context = {**(extra_context or {}), "job_actions": offered}
         return super().change_view(request, object_id, form_url, extra_context=extra_context)
@@ -444,18 +451,19 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
             try:
                 action.service(job_id=job.pk, actor=actor)
             except ProvisioningError as error:
-                skipped[_skip_reason(error)] += 1
+                skipped[skip_reason(error)] += 1
             else:
                 changed += 1
         self.message_user(
-            request, action_report(action.verb, changed, skipped), _level(changed, skipped)
+            request, action_report(action.verb, changed, skipped), report_level(changed, skipped)
         )
         return None
 
     def _confirmation(
         self, request: HttpRequest, jobs: list[ProvisioningJob], action: JobAction
     ) -> TemplateResponse:
-        affected = [job for job in jobs if job.status in action.applies_to]
+        rows = [(job, action.applies(job)) for job in jobs]
+        affected = [job for job, applies in rows if applies]
         context = {
             **self.admin_site.each_context(request),
             "title": f"{action.label}: are you sure?",
@@ -463,6 +471,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
             "opts": self.opts,
             "action": action,
             "jobs": jobs,
+            "rows": rows,
             "affected_count": len(affected),
             "skipped_count": len(jobs) - len(affected),
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
@@ -474,32 +483,13 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
         )
 
 
-def action_report(verb: str, changed: int, skipped: Counter[str]) -> str:
-    """`2 retried, 1 skipped (1 was running).`"""
-    total = sum(skipped.values())
-    text = f"{changed} {verb}, {total} skipped"
-    if total:
-        ordered = sorted(skipped.items(), key=lambda item: (-item[1], item[0]))
-        reasons = ", ".join(f"{n} {why}" for why, n in ordered)
-        text += f" ({reasons})"
-    return text + "."
-
-
-def _level(changed: int, skipped: Counter[str]) -> int:
-    if not changed:
-        return messages.ERROR if skipped else messages.INFO
-    return messages.WARNING if skipped else messages.SUCCESS
-
-
 def _djstripe_event_url(stripe_event_id: str) -> str | None:
+    pk = StripeEvent.objects.filter(id=stripe_event_id).values_list("pk", flat=True).first()
+    if pk is None:
+        return None
     try:
-        from djstripe.models import Event
-
-        pk = Event.objects.filter(id=stripe_event_id).values_list("pk", flat=True).first()
-        if pk is None:
-            return None
         return reverse("admin:djstripe_event_change", args=[pk])
-    except (ImportError, NoReverseMatch):
+    except NoReverseMatch:
         return None
 
 

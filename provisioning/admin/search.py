@@ -47,8 +47,6 @@ def short_id_range(field: str, term: str) -> Q:
 
 
 def _ids_or_subquery(field: str, queryset: QuerySet[Any]) -> Q:
-    # Unordered, so the probe stops at the limit (Agent's default ordering would sort every match).
-    queryset = queryset.order_by()
     ids = list(queryset.values_list("pk", flat=True)[: FREE_TEXT_IDS + 1])
     if len(ids) <= FREE_TEXT_IDS:
         return Q(**{f"{field}__in": ids}) if ids else Q(pk__in=[])

@@ -13,7 +13,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from provisioning import services
+from provisioning import reaper, services
 from provisioning.models import JobEvent, ProvisioningJob, UsedTokenId
 from tests.factories import AgentFactory
 from tests.fakes.hetzner import FakeHetzner
@@ -342,3 +342,12 @@ def test_the_runner_reaps_an_orphan_and_an_ended_agents_vm_and_leaves_a_running_
     assert sorted(str(s["id"]) for s in cloud.servers) == sorted([live, fresh])
     notes = JobEvent.objects.filter(action=JobEvent.Action.NOTE)
     assert [(n.job_id, n.actor) for n in notes] == [(ended_job.pk, f"workflow:{REAPER_RUN}")]
+
+
+def test_the_rules_are_applied_in_the_documented_order():
+    """RULES[i] is rule i+1 of the module docstring (each rule's docstring starts with its number)."""
+    numbers = [rule.__doc__.split(".")[0] for rule in reaper.RULES]
+
+    assert numbers == [str(n) for n in range(1, 9)]
+    for n in range(1, 9):
+        assert f"  {n}. " in reaper.__doc__

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.django_db
 
 
 def actions(job: ProvisioningJob) -> list[str]:
-    return list(JobEvent.objects.filter(job=job).values_list("action", flat=True))
+    return list(JobEvent.objects.filter(job=job).order_by("id").values_list("action", flat=True))
 
 
 # --- enqueue ---------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_a_second_paid_order_waits_in_queued_instead_of_being_refused(backend):
     assert first.status == JobStatus.PROVISIONING
 
 
-def test_reprovision_is_refused_with_the_seeds_message_while_a_job_is_active(backend):
+def test_reprovision_is_refused_with_the_in_progress_message_while_a_job_is_active(backend):
     user = UserFactory()
     failed_agent = AgentFactory(owner=user)
     job, run = claimed(backend, failed_agent)

@@ -114,6 +114,7 @@ class JobLifecycle(RuleBasedStateMachine):
             self.status = job.status
         moves = list(
             JobEvent.objects.filter(job=job)
+            .order_by("created_at", "id")
             .exclude(from_status="")
             .exclude(to_status="")
             .values_list("from_status", "to_status")

@@ -1,0 +1,229 @@
+"""What several services share: the run making a call, recording a move's JobEvent, the fence
+every callback after claim passes, after-commit side effects, the retry backoff, and the one fail
+path (a run's report, a timeout, reconciliation) that requeues or fails a provisioning job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+from uuid import UUID
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from provisioning import backends, selectors
+from provisioning.errors import (
+    FencedOut,
+    InvalidTransition,
+    JobNotFound,
+    TokenReplayed,
+    WrongRun,
+)
+from provisioning.models import JobEvent, ProvisioningJob, UsedTokenId
+from provisioning.state import Move, fail_move
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 4000
+
+
+class RunRef(Protocol):
+    """What services need to know about the workflow run making a call (oidc.RunIdentity fits)."""
+
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def run_attempt(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Run:
+    """A plain RunRef, for callers that are not the HTTP API (tests, tools)."""
+
+    run_id: str
+    run_attempt: int = 1
+    jti: str | None = None
+    expires_at: datetime | None = None
+
+
+# --- moves and their events ------------------------------------------------------------------
+
+
+def refuse(job: ProvisioningJob, move: Move) -> InvalidTransition:
+    """The domain error for a move that may not start from the job's state (409)."""
+    return InvalidTransition(job_id=job.pk, current=job.status, wanted=move.target)
+
+
+def check_allows(job: ProvisioningJob, move: Move) -> None:
+    """Raise InvalidTransition unless `move` may start from the job's (locked) state."""
+    if not job.allows(move):
+        raise refuse(job, move)
+
+
+def record_move(
+    job: ProvisioningJob,
+    move: Move,
+    *,
+    actor: str,
+    was: str | None = None,
+    attempt: int | None = None,
+    run_id: str | None = None,
+    step: str = "",
+    reason: str = "",
+) -> JobEvent:
+    """The JobEvent of one move: its action, and from → to when the move changes the state.
+
+    `was` is the state the move started from; by default the move's only source ("" for the
+    move that creates the job). A state the move may not start from is refused, never recorded.
+    """
+    if was is None:
+        if len(move.sources) > 1:
+            raise ValueError(f"{move}: say which of its states the job was in")
+        was = next(iter(move.sources), "")
+    if not (move.allows(was) or (move.creates and not was)):
+        raise InvalidTransition(job_id=job.pk, current=was, wanted=move.target)
+    from_status, to_status = move.event_statuses(was)
+    return JobEvent.objects.create(
+        job=job,
+        actor=actor[:150],
+        action=move.action,
+        from_status=from_status,
+        to_status=to_status,
+        attempt=attempt if attempt is not None else job.attempt,
+        workflow_run_id=run_id,
+        step=step,
+        reason=reason[:MAX_ERROR_CHARS],
+    )
+
+
+# --- the run's calls -------------------------------------------------------------------------
+
+
+def spend_token(run: RunRef, *, job_id: UUID | str) -> None:
+    """Single-use `jti` (claim, complete, fail). Kept until the token expires, then pruned."""
+    jti = getattr(run, "jti", None)
+    if not jti:
+        return
+    expires_at = getattr(run, "expires_at", None) or timezone.now() + timedelta(minutes=10)
+    try:
+        with transaction.atomic():
+            UsedTokenId.objects.create(jti=jti, job_id=job_id, expires_at=expires_at)
+    except IntegrityError as exc:
+        raise TokenReplayed() from exc
+
+
+def fenced(job_id: UUID | str, run: RunRef, move: Move) -> Q:
+    """The fence every callback after claim must pass: `move` applies, bound to this very run."""
+    return Q(
+        pk=job_id,
+        status__in=move.sources,
+        workflow_run_id=run.run_id,
+        run_attempt=run.run_attempt,
+    )
+
+
+def fence_refusal(job_id: UUID | str, run: RunRef, move: Move) -> Exception:
+    """Why a fenced call matched no row: 404, 403 (never this job's run) or 409."""
+    job = selectors.job_get(job_id=job_id)
+    if job is None:
+        return JobNotFound(job_id)
+    if job.workflow_run_id != run.run_id:
+        if selectors.job_was_dispatched_to_run(job_id=job_id, run_id=run.run_id):
+            return FencedOut(job_id=job_id, run_id=run.run_id, why="a newer dispatch owns it")
+        return WrongRun(job_id=job_id, run_id=run.run_id)
+    if job.run_attempt is not None and job.run_attempt != run.run_attempt:
+        return FencedOut(job_id=job_id, run_id=run.run_id, why="another run attempt claimed it")
+    if not job.allows(move):
+        return refuse(job, move)
+    return FencedOut(job_id=job_id, run_id=run.run_id, why="it moved on")  # pragma: no cover
+
+
+# --- side effects after commit ---------------------------------------------------------------
+
+
+def after_commit(fn: Callable[[], Any]) -> None:
+    """Run a side effect after commit; never let it break the caller (it is retried by the worker)."""
+
+    def guarded() -> None:
+        try:
+            fn()
+        except Exception:
+            logger.exception("after-commit side effect failed: %r", fn)
+
+    transaction.on_commit(guarded)
+
+
+def cancel_run_later(run_id: str | None) -> None:
+    """Cancel the workflow run after commit (best effort: a late call from it is fenced anyway)."""
+    if not run_id:
+        return
+
+    def cancel() -> None:
+        backends.get_backend().cancel_run(run_id=run_id)
+
+    after_commit(cancel)
+
+
+# --- the one fail path -----------------------------------------------------------------------
+
+
+def backoff(retry_count: int) -> timedelta:
+    """Exponential: base, 2x base, 4x base … capped."""
+    seconds = settings.RETRY_BACKOFF_SECONDS * (2 ** max(retry_count - 1, 0))
+    return timedelta(seconds=min(seconds, settings.RETRY_BACKOFF_MAX_SECONDS))
+
+
+def fail_locked(
+    job: ProvisioningJob,
+    *,
+    timeout: bool,
+    actor: str,
+    error: str,
+    failed_step: str,
+    run_id: str | None = None,
+) -> ProvisioningJob:
+    """The one fail path (run's report, timeout, deadline, reconciliation); caller holds the lock.
+
+    Retries left: FAIL_REQUEUE / TIMEOUT_REQUEUE, to queued with retry_count+1, attempt+1 (fences
+    the old run out) and backoff. Otherwise FAIL / TIMEOUT, to failed with completed_at; an
+    operator's turn.
+    """
+    move = fail_move(timeout=timeout, retries_left=job.retry_count < job.max_retries)
+    check_allows(job, move)
+    now = timezone.now()
+    was, old_attempt = job.status, job.attempt
+    job.status = move.target
+    job.error = error[:MAX_ERROR_CHARS]
+    job.failed_step = failed_step
+    job.updated_at = now
+    fields = ["status", "error", "failed_step", "updated_at"]
+    if job.is_queued:
+        job.retry_count += 1
+        job.attempt += 1
+        job.next_attempt_at = now + backoff(job.retry_count)
+        job.dispatched_at = None
+        job.step, job.progress = "", None
+        fields += ["retry_count", "attempt", "next_attempt_at", "dispatched_at", "step", "progress"]
+        outcome = f"retry {job.retry_count} of {job.max_retries} at {job.next_attempt_at:%H:%M:%S}"
+    else:
+        job.completed_at = now
+        fields += ["completed_at"]
+        outcome = "no retries left"
+    job.save(update_fields=fields)
+    record_move(
+        job,
+        move,
+        actor=actor,
+        was=was,
+        attempt=old_attempt,
+        run_id=run_id,
+        step=failed_step,
+        reason=f"{error[: MAX_ERROR_CHARS - 200]} ({outcome})",
+    )
+    return job

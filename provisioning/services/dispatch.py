@@ -1,0 +1,176 @@
+"""Dispatch, server side: pick due jobs and start their runs (DISPATCH, DISPATCH_FAILED), and send
+one cleanup run per failed provision (CLEANUP). None of these moves changes a job's state.
+
+Nothing here talks to the runner backend while holding a row lock: the job is taken and marked
+dispatched in one short transaction, the backend is called outside it, and the answer is
+recorded by a conditional UPDATE that only matches if the job is still where we left it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from functools import partial
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from provisioning import backends, selectors
+from provisioning.backends.base import RunnerBackend
+from provisioning.models import Actor, ProvisioningJob, Step
+from provisioning.services.common import after_commit, record_move
+from provisioning.state import CLEANUP, DISPATCH, DISPATCH_FAILED
+
+logger = logging.getLogger(__name__)
+
+
+def dispatch_soon() -> None:
+    """After an enqueue commits, hand due work to a runner now instead of at the next tick."""
+    if settings.DISPATCH_ON_COMMIT:
+        after_commit(partial(job_dispatch_due, limit=5))
+
+
+def job_dispatch_next(
+    *, backend: RunnerBackend | None = None, now: datetime | None = None
+) -> ProvisioningJob | None:
+    """DISPATCH: take the next due job (SKIP LOCKED), mark it dispatched, start a run, record its id.
+
+    Returns the job, or None when no due job could be taken. An empty answer does not prove the
+    queue is empty (a due job locked by another dispatcher is skipped). Several dispatchers at
+    once never take the same job: the row lock plus `dispatched_at` keep it theirs.
+    A backend failure leaves the job queued with a short backoff and a DISPATCH_FAILED event;
+    it never spends a retry.
+    """
+    backend = backend or backends.get_backend()
+    now = now or timezone.now()
+    with transaction.atomic(durable=True):
+        job = (
+            selectors.job_list_due(now=now)
+            .select_for_update(skip_locked=True, of=("self",))
+            .first()
+        )
+        if job is None:
+            return None
+        # Set only when this is a re-send of an unclaimed dispatch of the same attempt.
+        previous_run = job.workflow_run_id if job.dispatched_at else None
+        ProvisioningJob.objects.filter(pk=job.pk, status__in=DISPATCH.sources).update(
+            dispatched_at=now, workflow_run_id=None, run_attempt=None, updated_at=now
+        )
+    # Outside any lock: talk to GitHub (or start the local runner).
+    mode = "deprovision" if job.is_deprovision else "provision"
+    try:
+        result = backend.dispatch(job_id=job.pk, attempt=job.attempt, mode=mode)
+    except Exception as exc:
+        dispatch_failed(job=job, dispatched_at=now, error=exc)
+        return job
+    with transaction.atomic():
+        recorded = ProvisioningJob.objects.filter(
+            pk=job.pk, status__in=DISPATCH.sources, attempt=job.attempt, dispatched_at=now
+        ).update(workflow_run_id=result.run_id, updated_at=timezone.now())
+        if recorded:
+            record_move(
+                job,
+                DISPATCH,
+                actor=Actor.SYSTEM,
+                run_id=result.run_id,
+                step=Step.DISPATCH,
+                reason=(
+                    f"Run {result.run_id} started via {backend.name}"
+                    + (f" (replaces unclaimed run {previous_run})" if previous_run else "")
+                    if result.run_id
+                    else f"Run requested via {backend.name}; its id will be looked up at claim"
+                ),
+            )
+    # Runs nobody should wait for: the unclaimed one this dispatch replaces, and the new one if the
+    # job was cancelled or moved on while we talked to the backend. Best effort: both are fenced.
+    orphans = [previous_run] if previous_run and recorded else []
+    if not recorded and result.run_id:
+        orphans.append(result.run_id)
+    for orphan in orphans:
+        try:
+            backend.cancel_run(run_id=orphan)
+        except Exception:
+            logger.exception("could not cancel superseded run %s", orphan)
+    if recorded:  # we know what the row holds now; no read back
+        job.dispatched_at, job.workflow_run_id, job.run_attempt = now, result.run_id, None
+    else:
+        job.refresh_from_db()
+    return job
+
+
+def dispatch_failed(*, job: ProvisioningJob, dispatched_at: datetime, error: Exception) -> None:
+    """DISPATCH_FAILED: give the job back to the queue with a short backoff; no retry spent."""
+    now = timezone.now()
+    with transaction.atomic():
+        released = ProvisioningJob.objects.filter(
+            pk=job.pk,
+            status__in=DISPATCH_FAILED.sources,
+            attempt=job.attempt,
+            dispatched_at=dispatched_at,
+        ).update(
+            dispatched_at=None,
+            next_attempt_at=now + timedelta(seconds=settings.RETRY_BACKOFF_SECONDS),
+            updated_at=now,
+        )
+        if released:
+            record_move(
+                job,
+                DISPATCH_FAILED,
+                actor=Actor.SYSTEM,
+                step=Step.DISPATCH,
+                reason=f"{type(error).__name__}: {error}; retrying in "
+                f"{settings.RETRY_BACKOFF_SECONDS}s (no retry spent)",
+            )
+    logger.warning("dispatch of job %s failed: %s", job.pk, error)
+
+
+def job_dispatch_due(
+    *, backend: RunnerBackend | None = None, limit: int = 50, now: datetime | None = None
+) -> int:
+    """Dispatch up to `limit` due jobs; returns how many were taken."""
+    taken = 0
+    for _ in range(limit):
+        if job_dispatch_next(backend=backend, now=now) is None:
+            break
+        taken += 1
+    return taken
+
+
+def job_send_cleanup(*, backend: RunnerBackend | None = None, limit: int = 20) -> int:
+    """CLEANUP: for failed provisions that were ever claimed, send one `mode: cleanup` run each.
+
+    The run deletes every VM labelled with the job id, so nothing a dead attempt made keeps billing.
+    """
+    backend = backend or backends.get_backend()
+    sent = 0
+    for _ in range(limit):
+        now = timezone.now()
+        with transaction.atomic(durable=True):
+            job = (
+                selectors.job_list_cleanup_due()
+                .select_for_update(skip_locked=True, of=("self",))
+                .first()
+            )
+            if job is None:
+                break
+            ProvisioningJob.objects.filter(pk=job.pk, status__in=CLEANUP.sources).update(
+                cleanup_dispatched_at=now
+            )
+        try:
+            result = backend.dispatch(job_id=job.pk, attempt=job.attempt, mode="cleanup")
+        except Exception as exc:
+            ProvisioningJob.objects.filter(pk=job.pk, cleanup_dispatched_at=now).update(
+                cleanup_dispatched_at=None
+            )
+            logger.warning("cleanup dispatch for job %s failed: %s", job.pk, exc)
+            break
+        record_move(
+            job,
+            CLEANUP,
+            actor=Actor.SYSTEM,
+            run_id=result.run_id,
+            reason="Cleanup run sent: deletes every VM labelled with this job",
+        )
+        sent += 1
+    return sent

@@ -1,0 +1,129 @@
+"""Reconciliation: what the database says against what the runner backend (GitHub) says. A job
+still provisioning on a run the backend reports finished takes the fail path (FAIL_REQUEUE or
+FAIL).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from uuid import UUID
+
+from django.db import transaction
+from django.utils import timezone
+
+from provisioning import backends, selectors
+from provisioning.backends.base import RunnerBackend, RunStatus
+from provisioning.models import Actor, ProvisioningJob, Step
+from provisioning.services.common import fail_locked
+from provisioning.state import FAIL
+
+logger = logging.getLogger(__name__)
+
+# A round stops after this many backend errors in a row (GitHub down: don't hammer it).
+RECONCILE_MAX_CONSECUTIVE_ERRORS = 3
+
+
+def job_reconcile_runs(
+    *, backend: RunnerBackend | None = None, limit: int = 50, now: datetime | None = None
+) -> int:
+    """Ask the backend about in-flight runs not checked for RECONCILE_INTERVAL_SECONDS; fail the
+    jobs whose run has finished while they are still provisioning. Returns how many were failed.
+
+    A run can end without telling us (the runner was killed after its last heartbeat, a workflow
+    step outside the runner failed, the `fail` call never got through): the heartbeat timeout
+    would notice only after JOB_TIMEOUT_SECONDS of silence, and not at all while a stray
+    heartbeat thread keeps beating. GitHub knowing the run is over settles it sooner.
+
+    Each job is leased first (`reconciled_at` moved to now by a conditional UPDATE, so several
+    workers never ask about the same run in one interval), then the backend is asked outside any
+    lock or transaction. A finished run fails its job through the fail path, after re-checking
+    under the row lock that the job is still provisioning on that very run (the run's own
+    `complete`/`fail` may have landed meanwhile). An unknown run (None: the local backend sees
+    only the runs its own process started; GitHub answers 404) changes nothing, and neither does
+    a backend error: the lease is given back so the job counts as unreconciled in /metrics.
+    """
+    backend = backend or backends.get_backend()
+    now = now or timezone.now()
+    due = list(
+        selectors.job_list_reconcile_due(now=now).values_list(
+            "pk", "workflow_run_id", "run_attempt", "attempt", "reconciled_at"
+        )[:limit]
+    )
+    seen_by = "GitHub" if backend.name == "github" else f"The {backend.name} backend"
+    failed = errors = 0
+    for job_id, run_id, run_attempt, attempt, previous_check in due:
+        leased = ProvisioningJob.objects.filter(
+            pk=job_id,
+            status__in=FAIL.sources,
+            attempt=attempt,
+            workflow_run_id=run_id,
+            reconciled_at=previous_check,
+        ).update(reconciled_at=now)
+        if not leased:
+            continue  # moved on, or another worker is checking it
+        try:
+            status = backend.get_run(run_id=run_id)
+        except Exception as exc:
+            errors += 1
+            logger.warning("reconcile: could not read run %s of job %s: %s", run_id, job_id, exc)
+            _release(job_id, now=now, previous_check=previous_check)
+            if errors >= RECONCILE_MAX_CONSECUTIVE_ERRORS:
+                logger.warning("reconcile: %d errors in a row; stopping this round", errors)
+                break
+            continue
+        errors = 0
+        if status is None:
+            _release(job_id, now=now, previous_check=previous_check)
+            continue
+        if status.is_finished and _fail_finished_run(
+            job_id=job_id,
+            run_id=run_id,
+            run_attempt=run_attempt,
+            attempt=attempt,
+            status=status,
+            seen_by=seen_by,
+        ):
+            failed += 1
+    return failed
+
+
+def _release(job_id: UUID | str, *, now: datetime, previous_check: datetime | None) -> None:
+    """Give the lease back: the job counts as not reconciled."""
+    ProvisioningJob.objects.filter(pk=job_id, reconciled_at=now).update(
+        reconciled_at=previous_check
+    )
+
+
+def _fail_finished_run(
+    *,
+    job_id: UUID | str,
+    run_id: str,
+    run_attempt: int | None,
+    attempt: int,
+    status: RunStatus,
+    seen_by: str,
+) -> bool:
+    with transaction.atomic():
+        job = ProvisioningJob.objects.select_for_update().filter(pk=job_id).first()
+        if (
+            job is None
+            or not job.allows(FAIL)
+            or job.attempt != attempt
+            or job.workflow_run_id != run_id
+            or job.run_attempt != run_attempt
+        ):
+            return False  # the run's own report (or a timeout, an operator) got there first
+        fail_locked(
+            job,
+            timeout=False,
+            actor=Actor.SYSTEM,
+            error=(
+                f"{seen_by} reports run {run_id} {status.status} "
+                f"({status.conclusion or 'no conclusion'}) while the job was still provisioning "
+                f"(step {job.step or 'unknown'})"
+            ),
+            failed_step=job.step or Step.TIMEOUT,
+            run_id=run_id,
+        )
+    return True
