@@ -70,7 +70,6 @@ class JobCollector(Collector):
         counts = {
             (state, kind): n
             for state, kind, n in ProvisioningJob.objects.filter(status__in=ACTIVE_STATUSES)
-            .order_by()
             .values_list("status", "kind")
             .annotate(n=Count("pk"))
             .values_list("status", "kind", "n")
@@ -151,8 +150,7 @@ class JobCollector(Collector):
         )
         by_outcome = {
             (outcome, kind): n
-            for outcome, kind, n in finished.order_by()
-            .values_list("status", "kind")
+            for outcome, kind, n in finished.values_list("status", "kind")
             .annotate(n=Count("pk"))
             .values_list("status", "kind", "n")
         }

@@ -110,7 +110,9 @@ def test_a_run_drives_its_job_from_claim_through_heartbeats_to_running(
         "agent-x",
     )
     steps = list(
-        JobEvent.objects.filter(job=job, action=JobEvent.Action.STEP).values_list("step", flat=True)
+        JobEvent.objects.filter(job=job, action=JobEvent.Action.STEP)
+        .order_by("id")
+        .values_list("step", flat=True)
     )
     assert steps == ["create-server", "configure"]
 

@@ -367,13 +367,15 @@ def test_reading_a_silent_job_times_it_out_on_demand(customer_client, agent, bac
 
 def test_reading_a_healthy_job_changes_nothing(customer_client, agent, backend):
     job, _run = claimed(backend, agent)
-    before = list(JobEvent.objects.filter(job=job).values_list("pk", flat=True))
+    before = list(JobEvent.objects.filter(job=job).order_by("id").values_list("pk", flat=True))
 
     customer_client.get(status_url(agent))
 
     job.refresh_from_db()
     assert job.status == JobStatus.PROVISIONING
-    assert list(JobEvent.objects.filter(job=job).values_list("pk", flat=True)) == before
+    assert (
+        list(JobEvent.objects.filter(job=job).order_by("id").values_list("pk", flat=True)) == before
+    )
 
 
 # --- re-provision ----------------------------------------------------------------------------
