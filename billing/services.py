@@ -13,7 +13,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import stripe
@@ -29,6 +29,10 @@ from billing import ending
 from billing.models import OperatorCase, UnfulfillablePayment, UnfulfillableReason
 from provisioning import services as provisioning_services
 from provisioning.models import Agent, Region
+
+if TYPE_CHECKING:
+    # The client's `base_addresses` type; stripe does not re-export it at the top level.
+    from stripe._base_address import BaseAddresses
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +130,7 @@ def _user_for_reference(reference: object) -> Any:
             UnfulfillableReason.UNKNOWN_CUSTOMER, "client_reference_id is missing"
         )
     try:
-        pk = User._meta.pk.to_python(reference)  # type: ignore[union-attr]
+        pk = User._meta.pk.to_python(reference)
     except ValidationError:
         pk = None
     user = User.objects.filter(pk=pk).first() if pk is not None else None
@@ -307,9 +311,9 @@ def operator_case_resolve(*, case: OperatorCase, by: Any, note: str = "") -> boo
 
     One conditional UPDATE: False if it already was resolved (two operators at once: one wins).
     """
-    updated = (
+    updated: int = (
         type(case)
-        .objects.filter(pk=case.pk, resolved_at__isnull=True)
+        ._default_manager.filter(pk=case.pk, resolved_at__isnull=True)
         .update(resolved_at=timezone.now(), resolved_by=by, note=note or case.note)
     )
     return updated == 1
@@ -359,11 +363,13 @@ def checkout_session_create(
 
 def stripe_client(*, http_client: stripe.HTTPClient | None = None) -> stripe.StripeClient:
     """Our own Stripe client; its HTTP client defaults to the process-wide one (tests fake it)."""
-    base = {"api": settings.STRIPE_API_BASE} if settings.STRIPE_API_BASE else None
+    base: BaseAddresses | None = (
+        {"api": settings.STRIPE_API_BASE} if settings.STRIPE_API_BASE else None
+    )
     return stripe.StripeClient(
         api_key=settings.STRIPE_SECRET_KEY,
         stripe_version=settings.STRIPE_API_VERSION,
-        base_addresses=base,  # type: ignore[arg-type]
+        base_addresses=base,
         max_network_retries=2,
         http_client=http_client or stripe.default_http_client,
     )
