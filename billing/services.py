@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import stripe
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.urls import reverse
@@ -31,7 +31,9 @@ from provisioning import services as provisioning_services
 from provisioning.models import Agent, Region
 
 if TYPE_CHECKING:
-    # The client's `base_addresses` type; stripe does not re-export it at the top level.
+    # User: the AUTH_USER_MODEL (get_user_model() at run time). BaseAddresses: the Stripe
+    # client's `base_addresses` type, which stripe does not re-export at the top level.
+    from django.contrib.auth.models import User
     from stripe._base_address import BaseAddresses
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class FulfilmentResult:
 class Purchase:
     """What a validated session says was bought."""
 
-    user: Any
+    user: User
     agent_name: str
     region: str
     session_id: str
@@ -123,17 +125,17 @@ def _id_of(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _user_for_reference(reference: object) -> Any:
-    User = get_user_model()
+def _user_for_reference(reference: object) -> User:
+    user_model = get_user_model()
     if not isinstance(reference, str) or not reference:
         raise PurchaseInvalid(
             UnfulfillableReason.UNKNOWN_CUSTOMER, "client_reference_id is missing"
         )
     try:
-        pk = User._meta.pk.to_python(reference)
+        pk = user_model._meta.pk.to_python(reference)
     except ValidationError:
         pk = None
-    user = User.objects.filter(pk=pk).first() if pk is not None else None
+    user = user_model._default_manager.filter(pk=pk).first() if pk is not None else None
     if user is None:
         raise PurchaseInvalid(
             UnfulfillableReason.UNKNOWN_CUSTOMER,
@@ -306,15 +308,19 @@ def unfulfillable_record(
         return UnfulfillablePayment.objects.get(stripe_event_id=event_id)
 
 
-def operator_case_resolve(*, case: OperatorCase, by: Any, note: str = "") -> bool:
+def operator_case_resolve(
+    *, case: OperatorCase, by: AbstractBaseUser | AnonymousUser, note: str = ""
+) -> bool:
     """Mark an operator case (unfulfillable payment, unmatched ending event) handled.
 
     One conditional UPDATE: False if it already was resolved (two operators at once: one wins).
+    `by` is the admin's request.user; only a logged-in user is recorded.
     """
+    resolved_by = by if isinstance(by, AbstractBaseUser) else None
     updated: int = (
         type(case)
         ._default_manager.filter(pk=case.pk, resolved_at__isnull=True)
-        .update(resolved_at=timezone.now(), resolved_by=by, note=note or case.note)
+        .update(resolved_at=timezone.now(), resolved_by=resolved_by, note=note or case.note)
     )
     return updated == 1
 
