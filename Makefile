@@ -29,9 +29,11 @@ run: install
 	$(LOCAL_ENV) $(PY) manage.py setup_stripe_webhook
 	$(LOCAL_ENV) $(PY) manage.py run_local_stack
 
+## make lint: ruff, then mypy (strict; settings are imported by the Django plugin, so it needs the test env)
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(TEST_ENV) $(PY) -m mypy
 
 fmt: install
 	$(PY) -m ruff check --fix .

@@ -1,21 +1,27 @@
 from __future__ import annotations
 
+from typing import TypeVar
+
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from billing import services
-from billing.models import UnfulfillablePayment, UnmatchedEndingEvent
+from billing.models import OperatorCase, UnfulfillablePayment, UnmatchedEndingEvent
+
+_Case = TypeVar("_Case", bound=OperatorCase)
 
 
 class ResolvedFilter(admin.SimpleListFilter):
     title = "state"
     parameter_name = "state"
 
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+    def lookups(
+        self, request: HttpRequest, model_admin: admin.ModelAdmin[_Case]
+    ) -> list[tuple[str, str]]:
         return [("open", "Open"), ("resolved", "Resolved")]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:  # type: ignore[type-arg]
+    def queryset(self, request: HttpRequest, queryset: QuerySet[_Case]) -> QuerySet[_Case]:
         if self.value() == "open":
             return queryset.filter(resolved_at__isnull=True)
         if self.value() == "resolved":
@@ -24,7 +30,7 @@ class ResolvedFilter(admin.SimpleListFilter):
 
 
 @admin.register(UnfulfillablePayment)
-class UnfulfillablePaymentAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class UnfulfillablePaymentAdmin(admin.ModelAdmin[UnfulfillablePayment]):
     list_display = [
         "created_at",
         "stripe_event_id",
@@ -71,7 +77,7 @@ class UnfulfillablePaymentAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(UnmatchedEndingEvent)
-class UnmatchedEndingEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class UnmatchedEndingEventAdmin(admin.ModelAdmin[UnmatchedEndingEvent]):
     """Subscription cancellations, refunds and disputes that named no single agent: nothing was
     ended. Find the agent (search by customer or subscription id), end it from the agent's page
     if it should go, then mark the row resolved."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -31,8 +33,12 @@ class OperatorCase(models.Model):
     class Meta:
         abstract = True
 
+    if TYPE_CHECKING:
+        # Each concrete case declares its own `reason` choices field; Django adds this per model.
+        def get_reason_display(self) -> str: ...
+
     def __str__(self) -> str:
-        return f"{self.stripe_event_id} ({self.get_reason_display()})"  # type: ignore[attr-defined]
+        return f"{self.stripe_event_id} ({self.get_reason_display()})"
 
     @property
     def is_resolved(self) -> bool:

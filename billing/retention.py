@@ -18,14 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TypeVar
 
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.utils import timezone
 
 BATCH_SIZE = 5000
 # Beyond the verifier's own leeway, a margin for clock differences between web processes.
 TOKEN_MARGIN = timedelta(seconds=60)
+
+_M = TypeVar("_M", bound=Model)
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Pruned:
     rule: str
 
 
-def _delete_in_batches(queryset: QuerySet[Any], *, batch_size: int = BATCH_SIZE) -> int:
+def _delete_in_batches(queryset: QuerySet[_M], *, batch_size: int = BATCH_SIZE) -> int:
     model = queryset.model
     deleted = 0
     while True:

@@ -13,13 +13,13 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import stripe
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.urls import reverse
@@ -29,6 +29,12 @@ from billing import ending
 from billing.models import OperatorCase, UnfulfillablePayment, UnfulfillableReason
 from provisioning import services as provisioning_services
 from provisioning.models import Agent, Region
+
+if TYPE_CHECKING:
+    # User: the AUTH_USER_MODEL (get_user_model() at run time). BaseAddresses: the Stripe
+    # client's `base_addresses` type, which stripe does not re-export at the top level.
+    from django.contrib.auth.models import User
+    from stripe._base_address import BaseAddresses
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +78,7 @@ class FulfilmentResult:
 class Purchase:
     """What a validated session says was bought."""
 
-    user: Any
+    user: User
     agent_name: str
     region: str
     session_id: str
@@ -119,17 +125,17 @@ def _id_of(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _user_for_reference(reference: object) -> Any:
-    User = get_user_model()
+def _user_for_reference(reference: object) -> User:
+    user_model = get_user_model()
     if not isinstance(reference, str) or not reference:
         raise PurchaseInvalid(
             UnfulfillableReason.UNKNOWN_CUSTOMER, "client_reference_id is missing"
         )
     try:
-        pk = User._meta.pk.to_python(reference)  # type: ignore[union-attr]
+        pk = user_model._meta.pk.to_python(reference)
     except ValidationError:
         pk = None
-    user = User.objects.filter(pk=pk).first() if pk is not None else None
+    user = user_model._default_manager.filter(pk=pk).first() if pk is not None else None
     if user is None:
         raise PurchaseInvalid(
             UnfulfillableReason.UNKNOWN_CUSTOMER,
@@ -302,15 +308,19 @@ def unfulfillable_record(
         return UnfulfillablePayment.objects.get(stripe_event_id=event_id)
 
 
-def operator_case_resolve(*, case: OperatorCase, by: Any, note: str = "") -> bool:
+def operator_case_resolve(
+    *, case: OperatorCase, by: AbstractBaseUser | AnonymousUser, note: str = ""
+) -> bool:
     """Mark an operator case (unfulfillable payment, unmatched ending event) handled.
 
     One conditional UPDATE: False if it already was resolved (two operators at once: one wins).
+    `by` is the admin's request.user; only a logged-in user is recorded.
     """
-    updated = (
+    resolved_by = by if isinstance(by, AbstractBaseUser) else None
+    updated: int = (
         type(case)
-        .objects.filter(pk=case.pk, resolved_at__isnull=True)
-        .update(resolved_at=timezone.now(), resolved_by=by, note=note or case.note)
+        ._default_manager.filter(pk=case.pk, resolved_at__isnull=True)
+        .update(resolved_at=timezone.now(), resolved_by=resolved_by, note=note or case.note)
     )
     return updated == 1
 
@@ -359,11 +369,13 @@ def checkout_session_create(
 
 def stripe_client(*, http_client: stripe.HTTPClient | None = None) -> stripe.StripeClient:
     """Our own Stripe client; its HTTP client defaults to the process-wide one (tests fake it)."""
-    base = {"api": settings.STRIPE_API_BASE} if settings.STRIPE_API_BASE else None
+    base: BaseAddresses | None = (
+        {"api": settings.STRIPE_API_BASE} if settings.STRIPE_API_BASE else None
+    )
     return stripe.StripeClient(
         api_key=settings.STRIPE_SECRET_KEY,
         stripe_version=settings.STRIPE_API_VERSION,
-        base_addresses=base,  # type: ignore[arg-type]
+        base_addresses=base,
         max_network_retries=2,
         http_client=http_client or stripe.default_http_client,
     )

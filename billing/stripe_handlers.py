@@ -8,7 +8,8 @@ the events handled here are disconnected in BillingConfig.ready) and hand it to 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from djstripe.event_handlers import djstripe_receiver
 
@@ -17,7 +18,25 @@ from billing import ending, services
 logger = logging.getLogger(__name__)
 
 
-def _object_of(event: Any) -> dict[str, Any]:
+class StripeEvent(Protocol):
+    """What the receivers read of dj-stripe's Event row (dj-stripe ships no types)."""
+
+    id: str
+    type: str
+    livemode: bool | None
+    data: object  # the signed payload's `data`: {"object": {...}}
+
+
+_Handler = TypeVar("_Handler", bound=Callable[..., None])
+
+
+def _receiver(event_type: str) -> Callable[[_Handler], _Handler]:
+    """dj-stripe's receiver decorator, typed: it connects the handler and returns it unchanged."""
+    connect: Callable[[_Handler], _Handler] = djstripe_receiver(event_type)
+    return connect
+
+
+def _object_of(event: StripeEvent) -> dict[str, Any]:
     data = event.data or {}
     obj = data.get("object") if isinstance(data, dict) else None
     return obj if isinstance(obj, dict) else {}
@@ -26,8 +45,8 @@ def _object_of(event: Any) -> dict[str, Any]:
 _session_of = _object_of
 
 
-@djstripe_receiver("checkout.session.completed")
-def checkout_session_completed_event(sender: Any, event: Any, **kwargs: Any) -> None:
+@_receiver("checkout.session.completed")
+def checkout_session_completed_event(sender: object, event: StripeEvent, **kwargs: object) -> None:
     """Fulfil when paid now; an unpaid (delayed payment method) session waits for
     `async_payment_succeeded`."""
     session = _session_of(event)
@@ -45,8 +64,10 @@ def checkout_session_completed_event(sender: Any, event: Any, **kwargs: Any) -> 
     )
 
 
-@djstripe_receiver("checkout.session.async_payment_succeeded")
-def checkout_session_async_payment_succeeded_event(sender: Any, event: Any, **kwargs: Any) -> None:
+@_receiver("checkout.session.async_payment_succeeded")
+def checkout_session_async_payment_succeeded_event(
+    sender: object, event: StripeEvent, **kwargs: object
+) -> None:
     services.purchase_fulfil(
         event_id=event.id,
         event_type=event.type,
@@ -55,8 +76,10 @@ def checkout_session_async_payment_succeeded_event(sender: Any, event: Any, **kw
     )
 
 
-@djstripe_receiver("checkout.session.async_payment_failed")
-def checkout_session_async_payment_failed_event(sender: Any, event: Any, **kwargs: Any) -> None:
+@_receiver("checkout.session.async_payment_failed")
+def checkout_session_async_payment_failed_event(
+    sender: object, event: StripeEvent, **kwargs: object
+) -> None:
     """Nothing was paid and nothing was built: only say so in the log."""
     logger.info("%s: delayed payment failed for session %s", event.id, _session_of(event).get("id"))
 
@@ -64,25 +87,27 @@ def checkout_session_async_payment_failed_event(sender: Any, event: Any, **kwarg
 # --- ending an agent ------------------------------------------------------------------------
 
 
-@djstripe_receiver("customer.subscription.deleted")
-def customer_subscription_deleted_event(sender: Any, event: Any, **kwargs: Any) -> None:
+@_receiver("customer.subscription.deleted")
+def customer_subscription_deleted_event(
+    sender: object, event: StripeEvent, **kwargs: object
+) -> None:
     ending.subscription_deleted(
         event_id=event.id, event_type=event.type, subscription=_object_of(event)
     )
 
 
-@djstripe_receiver("charge.refunded")
-def charge_refunded_event(sender: Any, event: Any, **kwargs: Any) -> None:
+@_receiver("charge.refunded")
+def charge_refunded_event(sender: object, event: StripeEvent, **kwargs: object) -> None:
     """Only a full refund ends the agent; a partial one is logged and changes nothing."""
     ending.charge_refunded(event_id=event.id, event_type=event.type, charge=_object_of(event))
 
 
-@djstripe_receiver("charge.dispute.created")
-def charge_dispute_created_event(sender: Any, event: Any, **kwargs: Any) -> None:
+@_receiver("charge.dispute.created")
+def charge_dispute_created_event(sender: object, event: StripeEvent, **kwargs: object) -> None:
     ending.dispute_created(event_id=event.id, event_type=event.type, dispute=_object_of(event))
 
 
-@djstripe_receiver("charge.succeeded")
-def charge_succeeded_event(sender: Any, event: Any, **kwargs: Any) -> None:
+@_receiver("charge.succeeded")
+def charge_succeeded_event(sender: object, event: StripeEvent, **kwargs: object) -> None:
     """Remember whose the charge is: a later dispute names only the charge."""
     ending.known_charge_record(event_id=event.id, charge=_object_of(event))

@@ -174,7 +174,9 @@ def _iso(moment: dt.datetime | None) -> str | None:
 class ApiError(Exception):
     """An error answer in Hetzner's shape: `{"error": {"code", "message", "details"}}`."""
 
-    def __init__(self, status: int, code: str, message: str, details: dict | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details or {}
 
@@ -307,9 +309,7 @@ class FakeHetzner:
         self.token = token
         self.action_seconds = action_seconds
         self.verbose = verbose
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.fake = self  # type: ignore[attr-defined]
+        self._httpd = _Server((host, port), self)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -500,9 +500,10 @@ class FakeHetzner:
     def _create_server(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_input", "request body must be a JSON object")
-        name = body.get("name")
-        server_type = body.get("server_type")
-        image = body.get("image")
+        # A missing field reads as "": the checks below report it like any invalid value.
+        name = body.get("name", "")
+        server_type = body.get("server_type", "")
+        image = body.get("image", "")
         location = body.get("location") or "fsn1"
         labels = body.get("labels") or {}
         ssh_keys = body.get("ssh_keys") or []
@@ -683,12 +684,21 @@ class FakeHetzner:
         }
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], fake: FakeHetzner) -> None:
+        super().__init__(address, _Handler)
+        self.fake = fake
+
+
 class _Handler(BaseHTTPRequestHandler):
+    server: _Server
     server_version = "FakeHetzner/1.0"
     protocol_version = "HTTP/1.1"
 
     def _dispatch(self, method: str) -> None:
-        fake: FakeHetzner = self.server.fake  # type: ignore[attr-defined]
+        fake = self.server.fake
         split = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -726,7 +736,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("PUT")
 
     def log_message(self, format: str, *args: Any) -> None:
-        if self.server.fake.verbose:  # type: ignore[attr-defined]
+        if self.server.fake.verbose:
             sys.stderr.write(f"fake-hetzner: {format % args}\n")
 
 

@@ -158,7 +158,7 @@ class DevOidcIssuer:
         """
         key = private_key or _generate_private_key()
         jwk = _public_jwk(key)
-        kid = jwk["kid"]
+        kid: str = jwk["kid"]
         with self._lock:
             self._keys[kid] = key
             if publish:

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from hcloud import APIException, Client
 from hcloud.images import Image
@@ -28,6 +29,10 @@ _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 # Codes Hetzner uses when a location cannot take this server type right now.
 _TRY_NEXT_LOCATION = {"resource_unavailable", "placement_error", "server_type_unavailable"}
+
+
+class _Endpoint(TypedDict, total=False):
+    api_endpoint: str  # absent: hcloud's own default
 
 
 class CloudError(Exception):
@@ -53,7 +58,7 @@ class Vm:
             id=str(server.id),
             name=server.name or "",
             ipv4=ipv4,
-            location=server.location.name if server.location is not None else "",
+            location=(server.location.name or "") if server.location is not None else "",
             labels=dict(server.labels or {}),
             status=server.status or "",
             created=server.created.isoformat() if server.created is not None else "",
@@ -83,7 +88,9 @@ def valid_label_value(value: str) -> bool:
 class Cloud:
     def __init__(self, settings: Settings) -> None:
         settings.require("hcloud_token")
-        kwargs = {"api_endpoint": settings.hcloud_endpoint} if settings.hcloud_endpoint else {}
+        kwargs: _Endpoint = (
+            {"api_endpoint": settings.hcloud_endpoint} if settings.hcloud_endpoint else {}
+        )
         self._client = Client(
             token=settings.hcloud_token,
             application_name="agent-provisioning-runner",

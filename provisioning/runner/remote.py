@@ -127,7 +127,9 @@ def configure(
         env={**os.environ, **env},
     )
     tasks = 0
-    assert process.stdout is not None
+    if process.stdout is None:  # cannot happen with stdout=PIPE; keeps the type honest
+        process.kill()
+        raise RemoteError("ansible-playbook started without an output pipe")
     try:
         for line in process.stdout:
             log(line.rstrip())

@@ -93,7 +93,8 @@ class Child:
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
+        if self.process is None:
+            raise RuntimeError(f"{self.name} has not been started")
         return self.process.pid
 
     def poll(self) -> int | None:
@@ -256,7 +257,7 @@ class Command(BaseCommand):
             for child in children:
                 self._start(child)
                 if child.port is not None:
-                    failed = self._wait_ready(child)
+                    failed = self._wait_ready(child, child.port)
                     if failed is not None or self._stopping.is_set():
                         break
             if failed is None and not self._stopping.is_set():
@@ -278,7 +279,7 @@ class Command(BaseCommand):
 
     def _start(self, child: Child) -> None:
         self._say(f"starting {child.name}: {shlex.join(child.argv[1:])}")
-        child.process = subprocess.Popen(
+        process = child.process = subprocess.Popen(
             child.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -287,10 +288,11 @@ class Command(BaseCommand):
             cwd=str(settings.BASE_DIR),
             start_new_session=True,  # its own process group: stopped as a whole, not by Ctrl-C
         )
-        assert child.process.stdout is not None
+        if process.stdout is None:  # cannot happen with stdout=PIPE; keeps the type honest
+            raise RuntimeError(f"{child.name} started without an output pipe")
         child.reader = threading.Thread(
             target=self._pump,
-            args=(child.name, child.process.stdout),
+            args=(child.name, process.stdout),
             name=f"pump-{child.name}",
             daemon=True,
         )
@@ -310,19 +312,19 @@ class Command(BaseCommand):
             sys.stdout.write(f"[stack] {message}\n")
             sys.stdout.flush()
 
-    def _wait_ready(self, child: Child) -> Child | None:
-        """Wait until the child accepts connections; returns the child if it died first."""
-        assert child.port is not None
+    def _wait_ready(self, child: Child, port: int) -> Child | None:
+        """Wait until the child accepts connections on `port`; returns the child if it died
+        first."""
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while time.monotonic() < deadline and not self._stopping.is_set():
             if child.poll() is not None:
                 return child
-            if _port_open(child.port):
+            if _port_open(port):
                 return None
             time.sleep(0.1)
         if self._stopping.is_set():
             return None
-        self._say(f"{child.name} did not open port {child.port} in {READY_TIMEOUT_SECONDS:.0f}s")
+        self._say(f"{child.name} did not open port {port} in {READY_TIMEOUT_SECONDS:.0f}s")
         return child
 
     def _supervise(self) -> Child | None:
@@ -356,18 +358,19 @@ class Command(BaseCommand):
         self._stop([web, by_name["oidc"], by_name["hetzner"]])
 
     def _stop(self, children: list[Child]) -> None:
-        running = [c for c in children if c.process is not None and c.poll() is None]
-        for child in running:
+        running = [
+            (c, c.process) for c in children if c.process is not None and c.process.poll() is None
+        ]
+        for child, _ in running:
             child.signal_group(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for child in running:
-            assert child.process is not None
+        for child, process in running:
             try:
-                child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 self._say(f"{child.name} ignored SIGTERM for {STOP_GRACE_SECONDS:.0f}s: killing")
                 child.signal_group(signal.SIGKILL)
-                child.process.wait(timeout=5)
+                process.wait(timeout=5)
         for child in children:
             if child.reader is not None:
                 child.reader.join(timeout=2)

@@ -8,12 +8,15 @@ fixed, published passwords must never reach a real database.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User  # the AUTH_USER_MODEL
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,11 @@ DEMO_CUSTOMER = DemoLogin("demo", "demo-local-only", "demo@example.test", False)
 DEMO_LOGINS = (DEMO_OPERATOR, DEMO_CUSTOMER)
 
 
-def ensure_demo_user(login: DemoLogin) -> tuple[Any, bool]:
+def ensure_demo_user(login: DemoLogin) -> tuple[User, bool]:
     """Create or repair one demo user; returns (user, created)."""
-    User = get_user_model()
-    user, created = User.objects.get_or_create(
-        **{User.USERNAME_FIELD: login.username}, defaults={"email": login.email}
+    user_model = get_user_model()
+    user, created = user_model._default_manager.get_or_create(
+        **{user_model.USERNAME_FIELD: login.username}, defaults={"email": login.email}
     )
     user.email = user.email or login.email
     user.is_active = True

@@ -5,25 +5,38 @@ replaces this file; the endpoint's shape is the contract with the runner's healt
 Standard library only: it runs in the VM's fresh virtual environment.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 SETTINGS_PATH = os.environ.get("AGENT_SETTINGS", "/etc/agent/agent.json")
 STARTED = time.monotonic()
 
 
-def load_settings():
+def load_settings() -> dict[str, Any]:
     with open(SETTINGS_PATH, encoding="utf-8") as handle:
-        return json.load(handle)
+        settings = json.load(handle)
+    if not isinstance(settings, dict):
+        raise SystemExit(f"{SETTINGS_PATH}: expected a JSON object")
+    return settings
+
+
+class AgentServer(ThreadingHTTPServer):
+    def __init__(self, address: tuple[str, int], settings: dict[str, Any]) -> None:
+        super().__init__(address, Health)
+        self.settings = settings
 
 
 class Health(BaseHTTPRequestHandler):
+    server: AgentServer
     server_version = "agent/0.1"
 
-    def do_GET(self):
+    def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != "/healthz":
             self.send_error(404)
             return
@@ -40,15 +53,14 @@ class Health(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args):
+    def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write("healthz: " + format % args + "\n")
 
 
-def main():
+def main() -> None:
     settings = load_settings()
     port = int(settings.get("health_port", 8080))
-    server = ThreadingHTTPServer(("0.0.0.0", port), Health)  # noqa: S104 - the runner polls it from outside
-    server.settings = settings
+    server = AgentServer(("0.0.0.0", port), settings)  # noqa: S104 - the runner polls it from outside
     print(f"agent {settings.get('name', '')!r} listening on :{port}", flush=True)
     server.serve_forever()
 
