@@ -9,7 +9,6 @@ would be.
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import hmac
@@ -62,11 +61,13 @@ def _payload_text(name: str) -> str:
 
 def load_payload(name: str) -> dict[str, Any]:
     """A fresh copy of the captured event `billing/sample_payloads/<name>.json`."""
-    return copy.deepcopy(json.loads(_payload_text(name)))
+    payload: dict[str, Any] = json.loads(_payload_text(name))  # parsed afresh: a private copy
+    return payload
 
 
 def _sample_object(name: str) -> dict[str, Any]:
-    return load_payload(name)["data"]["object"]
+    sample: dict[str, Any] = load_payload(name)["data"]["object"]
+    return sample
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,9 +14,12 @@ from typing import Any
 import httpx
 import stripe
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.template import TemplateDoesNotExist
 from django.template.loader import get_template
@@ -44,6 +47,8 @@ def agent_buy(request: HttpRequest) -> HttpResponse:
     """Name and region, then off to Checkout (Stripe's, or the local stand-in under make run)."""
     form = AgentBuyForm(request.POST or None)
     status = 200
+    if not isinstance(request.user, AbstractBaseUser):  # login_required let only users in
+        raise PermissionDenied
     if request.method == "POST" and form.is_valid():
         try:
             checkout_url = services.checkout_session_create(
@@ -79,7 +84,7 @@ class LocalCheckoutView(LoginRequiredMixin, View):
     # The HTTP transport for the webhook call; None is a real socket (tests put the app here).
     transport: httpx.BaseTransport | None = None
 
-    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if not settings.BILLING_LOCAL_CHECKOUT:
             raise Http404("local checkout is off")
         return super().dispatch(request, *args, **kwargs)

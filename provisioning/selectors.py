@@ -40,12 +40,11 @@ def job_list_stale(
     """
     timeout = timeout_seconds if timeout_seconds is not None else settings.JOB_TIMEOUT_SECONDS
     deadline = deadline_seconds if deadline_seconds is not None else settings.JOB_DEADLINE_SECONDS
-    silent_since = Coalesce("last_heartbeat_at", "claimed_at", "updated_at")
     return (
         ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING)
-        .alias(silent_since=silent_since)
+        .alias(silent_from=Coalesce("last_heartbeat_at", "claimed_at", "updated_at"))
         .filter(
-            Q(silent_since__lt=now - timedelta(seconds=timeout))
+            Q(silent_from__lt=now - timedelta(seconds=timeout))
             | Q(claimed_at__lt=now - timedelta(seconds=deadline))
         )
     )
@@ -100,7 +99,7 @@ def job_queue_position(*, job: ProvisioningJob) -> int | None:
 
 def job_was_dispatched_to_run(*, job_id: UUID | str, run_id: str) -> bool:
     """Did this job ever dispatch (or hear from) this run? Tells 409 fenced-out from 403."""
-    return JobEvent.objects.filter(job_id=job_id, workflow_run_id=run_id).exists()
+    return JobEvent.objects.filter(job_id=UUID(str(job_id)), workflow_run_id=run_id).exists()
 
 
 def agent_list_for_user(*, user: Any) -> QuerySet[Agent]:

@@ -28,6 +28,7 @@ from provisioning.admin.common import (
     ReadOnlyAdmin,
     action_report,
     ago,
+    fieldset_fields,
     report_level,
     run_link,
     skip_reason,
@@ -37,6 +38,33 @@ from provisioning.models import Actor, Agent, JobEvent, JobStatus, ProvisioningJ
 
 # Ending is irreversible and deletes VMs: a handful at a time, never "select all 90,000".
 MAX_END_AGENTS = 100
+
+
+# The read-only columns of an agent's job rows and of the job events list.
+JOB_ROW_FIELDS = (
+    "job",
+    "kind",
+    "status_badge",
+    "attempt",
+    "retries",
+    "step",
+    "failed_step",
+    "workflow_run",
+    "created_at",
+    "completed_at",
+)
+
+EVENT_FIELDS = (
+    "created_at",
+    "job_link",
+    "actor",
+    "action",
+    "transition",
+    "attempt",
+    "step",
+    "run",
+    "reason_in_full",
+)
 
 
 class EndAgentForm(forms.Form):
@@ -59,7 +87,7 @@ def _status_badge(status: str | None) -> SafeString | str:
     return format_html('<span class="job-badge job-{}">{}</span>', status, JobStatus(status).label)
 
 
-class AgentJobInline(admin.TabularInline):  # type: ignore[type-arg]
+class AgentJobInline(admin.TabularInline[ProvisioningJob, Agent]):
     """The agent's jobs, newest first (an agent has a handful: its provision, retries, deprovision)."""
 
     model = ProvisioningJob
@@ -67,19 +95,8 @@ class AgentJobInline(admin.TabularInline):  # type: ignore[type-arg]
     can_delete = False
     show_change_link = False
     ordering = ["-created_at"]
-    fields = [
-        "job",
-        "kind",
-        "status_badge",
-        "attempt",
-        "retries",
-        "step",
-        "failed_step",
-        "workflow_run",
-        "created_at",
-        "completed_at",
-    ]
-    readonly_fields = fields
+    fields = JOB_ROW_FIELDS
+    readonly_fields = JOB_ROW_FIELDS
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -157,16 +174,16 @@ class AgentAdmin(ReadOnlyAdmin):
         ),
         ("End", {"fields": ["ended_at", "end_reason"]}),
     ]
-    readonly_fields = [field for _name, options in fieldsets for field in options["fields"]]
+    readonly_fields = fieldset_fields(fieldsets)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         # The latest job's status per row in the same query (index job_agent_latest).
         latest = ProvisioningJob.objects.filter(agent=OuterRef("pk")).order_by("-created_at")
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(latest_job_status=Subquery(latest.values("status")[:1]))
+        rows: QuerySet[Any] = super().get_queryset(request)
+        annotated: QuerySet[Any] = rows.annotate(
+            latest_job_status=Subquery(latest.values("status")[:1])
         )
+        return annotated
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
@@ -273,22 +290,12 @@ class JobEventAdmin(ReadOnlyAdmin):
     list_display_links = ["created_at"]
     # Newest first by the primary key: always indexed, and it follows insertion order.
     ordering = ["-id"]
-    sortable_by: list[str] = []
+    sortable_by = ()
     list_filter = ["action", "to_status"]
     search_fields = ["job__id"]
     search_help_text = "Job id (full or first 8), or an exact actor such as operator:alice."
-    fields = [
-        "created_at",
-        "job_link",
-        "actor",
-        "action",
-        "transition",
-        "attempt",
-        "step",
-        "run",
-        "reason_in_full",
-    ]
-    readonly_fields = fields
+    fields = EVENT_FIELDS
+    readonly_fields = EVENT_FIELDS
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str

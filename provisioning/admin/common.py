@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -27,7 +28,7 @@ from provisioning.errors import ProvisioningError
 logger = logging.getLogger(__name__)
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ReadOnlyAdmin(admin.ModelAdmin[Any]):
     """State is changed only by services (the actions), never by editing a form.
 
     Every list is built for tables of millions of rows: no full COUNT(*) (EstimatedCountPaginator,
@@ -65,7 +66,16 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return False
 
 
-class EstimatedCountPaginator(Paginator):
+def fieldset_fields(fieldsets: Sequence[tuple[Any, Mapping[str, Any]]]) -> list[str]:
+    """Every field named in `fieldsets`, in order: read-only pages show exactly what they lay out."""
+    names: list[str] = []
+    for _title, options in fieldsets:
+        for entry in options["fields"]:
+            names.extend([entry] if isinstance(entry, str) else entry)
+    return names
+
+
+class EstimatedCountPaginator(Paginator[Any]):
     """Counts exactly up to EXACT_LIMIT rows; past that, PostgreSQL's estimate.
 
     Django's paginator runs COUNT(*) over the whole filtered queryset on every page view: a full

@@ -37,6 +37,7 @@ from provisioning.admin.common import (
     ago,
     capped_count,
     duration,
+    fieldset_fields,
     local_time,
     report_level,
     run_link,
@@ -228,7 +229,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
         ("Error", {"fields": ["failed_step", "error_in_full"]}),
         ("Timeline", {"fields": ["timeline"], "classes": ["wide"]}),
     ]
-    readonly_fields = [field for _name, options in fieldsets for field in options["fields"]]
+    readonly_fields = fieldset_fields(fieldsets)
 
     # --- permissions for the actions (@admin.action(permissions=[...]) calls these) ----------
 
@@ -379,12 +380,11 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
 
     @admin.display(description="events")
     def timeline(self, job: ProvisioningJob) -> SafeString:
-        events = list(job.events.order_by("created_at", "id"))
-        for event in events:
-            event.run_html = run_link(event.workflow_run_id) if event.workflow_run_id else ""
-        return render_to_string(
-            "admin/provisioning/provisioningjob/_timeline.html", {"events": events}
-        )
+        rows = [
+            (event, run_link(event.workflow_run_id) if event.workflow_run_id else "")
+            for event in job.events.order_by("created_at", "id")
+        ]
+        return render_to_string("admin/provisioning/provisioningjob/_timeline.html", {"rows": rows})
 
     # --- views -----------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typing import Any
 from uuid import UUID
 
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import serializers
+from rest_framework import exceptions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -25,6 +25,7 @@ from provisioning.api.fields import (
     StrictIntegerField,
     StrictIPv4Field,
 )
+from provisioning.api.oidc import RunIdentity
 from provisioning.models import JobStatus, Region
 
 
@@ -68,13 +69,21 @@ class WorkflowRunApi(APIView):
     throttle_classes: list[Any] = []
 
     @staticmethod
-    def validated(serializer_class: type[serializers.Serializer], request: Request) -> Any:
+    def validated(serializer_class: type[serializers.Serializer[Any]], request: Request) -> Any:
         payload = serializer_class(data=request.data)
         payload.is_valid(raise_exception=True)
         return payload.validated_data
 
+    @staticmethod
+    def run(request: Request) -> RunIdentity:
+        """The verified run behind this request (IsWorkflowRun let only such requests in)."""
+        identity = request.auth
+        if not isinstance(identity, RunIdentity):
+            raise exceptions.NotAuthenticated()
+        return identity
 
-class ClaimedAgentSerializer(serializers.Serializer):
+
+class ClaimedAgentSerializer(serializers.Serializer[Any]):
     id = serializers.UUIDField()
     name = serializers.CharField()
 
@@ -83,7 +92,7 @@ class ClaimedAgentSerializer(serializers.Serializer):
 
 
 class JobClaimApi(WorkflowRunApi):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[Any]):
         attempt = StrictIntegerField(
             min_value=1, help_text="The attempt the run was dispatched for."
         )
@@ -91,7 +100,7 @@ class JobClaimApi(WorkflowRunApi):
         class Meta:
             ref_name = "JobClaimRequest"
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(serializers.Serializer[Any]):
         id = serializers.UUIDField()
         status = serializers.CharField(help_text='Always "provisioning".')
         attempt = serializers.IntegerField()
@@ -120,7 +129,7 @@ class JobClaimApi(WorkflowRunApi):
     )
     def post(self, request: Request, job_id: UUID) -> Response:
         data = self.validated(self.InputSerializer, request)
-        job = services.job_claim(job_id=job_id, attempt=data["attempt"], run=request.auth)
+        job = services.job_claim(job_id=job_id, attempt=data["attempt"], run=self.run(request))
         answer = {
             "id": job.pk,
             "status": job.status,
@@ -132,14 +141,14 @@ class JobClaimApi(WorkflowRunApi):
 
 
 class JobHeartbeatApi(WorkflowRunApi):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[Any]):
         step = serializers.ChoiceField(choices=RUNNER_STEP_CHOICES, required=False)
         progress = StrictIntegerField(min_value=0, max_value=100, required=False)
 
         class Meta:
             ref_name = "JobHeartbeatRequest"
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(serializers.Serializer[Any]):
         status = serializers.CharField(help_text='Always "provisioning".')
 
         class Meta:
@@ -160,12 +169,12 @@ class JobHeartbeatApi(WorkflowRunApi):
     )
     def post(self, request: Request, job_id: UUID) -> Response:
         data = self.validated(self.InputSerializer, request)
-        services.job_heartbeat(job_id=job_id, run=request.auth, **data)
+        services.job_heartbeat(job_id=job_id, run=self.run(request), **data)
         return Response({"status": JobStatus.PROVISIONING})
 
 
 class JobCompleteApi(WorkflowRunApi):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[Any]):
         # Blank only for a deprovision (the VM is gone); the service refuses a blank provision.
         server_id = StrictCharField(max_length=64, allow_blank=True)
         ipv4 = StrictIPv4Field(protocol="IPv4", allow_blank=True)
@@ -174,7 +183,7 @@ class JobCompleteApi(WorkflowRunApi):
         class Meta:
             ref_name = "JobCompleteRequest"
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(serializers.Serializer[Any]):
         status = serializers.CharField(help_text='Always "running".')
 
         class Meta:
@@ -197,12 +206,12 @@ class JobCompleteApi(WorkflowRunApi):
     )
     def post(self, request: Request, job_id: UUID) -> Response:
         data = self.validated(self.InputSerializer, request)
-        job = services.job_complete(job_id=job_id, run=request.auth, **data)
+        job = services.job_complete(job_id=job_id, run=self.run(request), **data)
         return Response({"status": job.status})
 
 
 class JobFailApi(WorkflowRunApi):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[Any]):
         error = StrictCharField(
             max_length=services.MAX_ERROR_CHARS, help_text="What went wrong: the log's tail."
         )
@@ -211,7 +220,7 @@ class JobFailApi(WorkflowRunApi):
         class Meta:
             ref_name = "JobFailRequest"
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(serializers.Serializer[Any]):
         status = serializers.CharField(
             help_text='"queued": a new run will retry it; "failed": retries spent.'
         )
@@ -237,5 +246,5 @@ class JobFailApi(WorkflowRunApi):
     )
     def post(self, request: Request, job_id: UUID) -> Response:
         data = self.validated(self.InputSerializer, request)
-        job = services.job_fail(job_id=job_id, run=request.auth, **data)
+        job = services.job_fail(job_id=job_id, run=self.run(request), **data)
         return Response(self.OutputSerializer(job).data)

@@ -23,7 +23,7 @@ from provisioning.models import Agent, JobKind, JobStatus, Region
 from provisioning.web.presenters import agent_present
 
 
-class AgentJobSerializer(serializers.Serializer):
+class AgentJobSerializer(serializers.Serializer[Any]):
     id = serializers.UUIDField()
     kind = serializers.ChoiceField(choices=JobKind.choices)
     status = serializers.ChoiceField(choices=JobStatus.choices)
@@ -44,7 +44,7 @@ class AgentJobSerializer(serializers.Serializer):
         ref_name = "AgentJob"
 
 
-class AgentSerializer(serializers.Serializer):
+class AgentSerializer(serializers.Serializer[Any]):
     id = serializers.UUIDField()
     name = serializers.CharField()
     region = serializers.ChoiceField(choices=Region.choices)

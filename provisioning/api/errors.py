@@ -25,7 +25,7 @@ INVALID_BODY = "The request body is invalid."
 # --- the shapes, for the schema (the handler below writes them) ---------------------------------
 
 
-class ErrorSerializer(serializers.Serializer):
+class ErrorSerializer(serializers.Serializer[Any]):
     detail = serializers.CharField()
     code = serializers.CharField(help_text="Stable machine-readable reason, e.g. fenced_out.")
 
@@ -34,7 +34,9 @@ class ErrorSerializer(serializers.Serializer):
 
 
 class ValidationErrorSerializer(ErrorSerializer):
-    errors = serializers.DictField(
+    # The JSON key is `errors`. DRF's metaclass moves declared fields off the class, so this only
+    # shadows Serializer.errors for the type checker.
+    errors = serializers.DictField(  # type: ignore[assignment]
         child=serializers.ListField(child=serializers.CharField()),
         help_text="Field name (or non_field_errors) to its messages.",
     )

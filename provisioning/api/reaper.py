@@ -9,6 +9,8 @@ on the jobs whose VMs are condemned.
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
@@ -19,13 +21,12 @@ from provisioning.api.authentication import ReaperRunAuthentication
 from provisioning.api.callbacks import WorkflowRunApi
 from provisioning.api.errors import ErrorSerializer, ValidationErrorSerializer
 from provisioning.api.fields import StrictCharField
-from provisioning.api.oidc import RunIdentity
 from provisioning.models import Actor
 
 MAX_SERVERS = 1000
 
 
-class ManagedServerSerializer(serializers.Serializer):
+class ManagedServerSerializer(serializers.Serializer[Any]):
     server_id = StrictCharField(max_length=32, help_text="Hetzner server id.")
     name = StrictCharField(max_length=128, required=False, allow_blank=True, default="")
     job_id = StrictCharField(
@@ -55,7 +56,7 @@ class ManagedServerSerializer(serializers.Serializer):
         return value
 
 
-class ReaperKeepSerializer(serializers.Serializer):
+class ReaperKeepSerializer(serializers.Serializer[Any]):
     server_id = serializers.CharField()
     reason = serializers.CharField()
 
@@ -63,7 +64,7 @@ class ReaperKeepSerializer(serializers.Serializer):
         ref_name = "ReaperKeep"
 
 
-class ReaperVerdictSerializer(serializers.Serializer):
+class ReaperVerdictSerializer(serializers.Serializer[Any]):
     server_id = serializers.CharField()
     verdict = serializers.ChoiceField(choices=["delete", "keep"])
     reason = serializers.CharField()
@@ -75,7 +76,7 @@ class ReaperVerdictSerializer(serializers.Serializer):
 class ReaperVerdictsApi(WorkflowRunApi):
     authentication_classes = [ReaperRunAuthentication]
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(serializers.Serializer[Any]):
         servers = serializers.ListField(
             child=ManagedServerSerializer(), max_length=MAX_SERVERS, allow_empty=True
         )
@@ -83,7 +84,7 @@ class ReaperVerdictsApi(WorkflowRunApi):
         class Meta:
             ref_name = "ReaperVerdictsRequest"
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(serializers.Serializer[Any]):
         delete = serializers.ListField(
             child=serializers.CharField(), help_text="Server ids to delete; nothing else."
         )
@@ -116,7 +117,7 @@ class ReaperVerdictsApi(WorkflowRunApi):
     def post(self, request: Request) -> Response:
         data = self.validated(self.InputSerializer, request)
         servers = [reaper.ManagedServer(**item) for item in data["servers"]]
-        identity: RunIdentity = request.auth
+        identity = self.run(request)
         verdicts = reaper.reaper_judge(servers=servers, actor=Actor.workflow(identity.run_id))
         answer = {
             "delete": [v.server_id for v in verdicts if v.delete],

@@ -53,6 +53,8 @@ def job_reconcile_runs(
     seen_by = "GitHub" if backend.name == "github" else f"The {backend.name} backend"
     failed = errors = 0
     for job_id, run_id, run_attempt, attempt, previous_check in due:
+        if run_id is None:  # the selector asks for a run; a row without one has nothing to check
+            continue
         leased = ProvisioningJob.objects.filter(
             pk=job_id,
             status__in=FAIL.sources,

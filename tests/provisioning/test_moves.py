@@ -474,3 +474,7 @@ def test_moves_have_distinct_names_and_only_enqueue_creates():
     actions = {m.action for m in MOVES}
     assert actions <= set(JobEvent.Action.values)
     assert JobEvent.Action.NOTE not in actions  # a remark, never a move
+
+
+def test_the_active_states_are_exactly_those_an_operator_can_cancel():
+    assert set(state.ACTIVE_STATUSES) == state.CANCEL.sources
