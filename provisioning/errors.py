@@ -57,6 +57,15 @@ class WrongRun(ProvisioningError):
         super().__init__(f"Run {run_id} was never dispatched for job {job_id}.")
 
 
+class CleanupNotAllowed(ProvisioningError):
+    """A cleanup run asked to delete the VMs of a job that is not a failed, claimed provision."""
+
+    code = "cleanup_not_allowed"
+
+    def __init__(self, *, job_id: UUID | str, why: str) -> None:
+        super().__init__(f"Job {job_id} may not be cleaned up: {why}.")
+
+
 class DispatchPending(ProvisioningError):
     """The run called before the dispatcher recorded its id: the runner retries shortly."""
 

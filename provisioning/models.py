@@ -181,8 +181,10 @@ class ProvisioningJob(models.Model):
     progress = models.PositiveSmallIntegerField(null=True, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)  # backoff after a failure
     dispatched_at = models.DateTimeField(null=True, blank=True)  # last dispatch of this attempt
-    # When the `mode: cleanup` run for a failed provision was sent (once).
+    # When the `mode: cleanup` run for a failed provision was sent (once), and that run's id: the
+    # only run the service lets delete this job's VMs.
     cleanup_dispatched_at = models.DateTimeField(null=True, blank=True)
+    cleanup_run_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 (null: none sent)
     # When the worker last asked the runner backend about this job's run (reconciliation).
     reconciled_at = models.DateTimeField(null=True, blank=True)
 

@@ -333,6 +333,10 @@ def reaper_judge(
                 actor=actor[:150],
                 action=JobEvent.Action.NOTE,
                 attempt=job.attempt,
-                reason=f"reaper deleting VM {verdict.server_id} ({name}): {verdict.reason}",
+                # The server id and name are as the run reported them: quoted, and said so.
+                reason=(
+                    f"reaper deleting VM {verdict.server_id!r} "
+                    f"(name reported by the run: {name[:64]!r}): {verdict.reason}"
+                ),
             )
     return verdicts

@@ -119,11 +119,13 @@ class WorkflowRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: 
 
 # --- the scheduled reaper -------------------------------------------------------------------------
 
-REAPER_EVENTS = ("schedule", "workflow_dispatch")
+# Only the workflow's schedule reaps: a dispatched run is bound to one job and may not read every
+# agent's servers or write into their history.
+REAPER_EVENTS = ("schedule",)
 
 
 class ReaperRunAuthentication(WorkflowRunAuthentication):
-    """The callbacks' token checks, for the reaper's events (`schedule`, manual `workflow_dispatch`)."""
+    """The callbacks' token checks, for the reaper's event (`schedule` only)."""
 
     allowed_events: tuple[str, ...] = REAPER_EVENTS
 

@@ -26,7 +26,7 @@ from provisioning.api.fields import (
     StrictIPv4Field,
 )
 from provisioning.api.oidc import RunIdentity
-from provisioning.models import JobStatus, Region
+from provisioning.models import JobKind, JobStatus, Region
 
 
 def _refusals(**by_status: str) -> dict[int, OpenApiResponse]:
@@ -106,6 +106,10 @@ class JobClaimApi(WorkflowRunApi):
         attempt = serializers.IntegerField()
         agent = ClaimedAgentSerializer()
         region = serializers.ChoiceField(choices=Region.choices)
+        kind = serializers.ChoiceField(
+            choices=JobKind.choices,
+            help_text="What the run was dispatched to do; a run whose mode differs must stop.",
+        )
 
         class Meta:
             ref_name = "JobClaimResponse"
@@ -136,6 +140,7 @@ class JobClaimApi(WorkflowRunApi):
             "attempt": job.attempt,
             "agent": {"id": job.agent_id, "name": job.agent.name},
             "region": job.region,
+            "kind": job.kind,
         }
         return Response(self.OutputSerializer(answer).data)
 
@@ -248,3 +253,35 @@ class JobFailApi(WorkflowRunApi):
         data = self.validated(self.InputSerializer, request)
         job = services.job_fail(job_id=job_id, run=self.run(request), **data)
         return Response(self.OutputSerializer(job).data)
+
+
+class JobCleanupAuthorizationApi(WorkflowRunApi):
+    class OutputSerializer(serializers.Serializer[Any]):
+        id = serializers.UUIDField()
+        approved = serializers.BooleanField(help_text="Always true: a refusal is an error answer.")
+        label_selector = serializers.CharField(
+            help_text="The Hetzner label selector of the VMs the run may delete."
+        )
+
+        class Meta:
+            ref_name = "JobCleanupAuthorization"
+
+    @extend_schema(
+        operation_id="job_authorize_cleanup",
+        tags=["workflow run"],
+        summary="Ask before deleting a failed job's VMs (mode: cleanup)",
+        description="Only the cleanup run the service dispatched for this job, and only for a "
+        "failed provision that was claimed. Any other run must delete nothing. Changes no state; "
+        "the approval is recorded in the job's history and the token's jti is spent.",
+        request=None,
+        responses={
+            200: OutputSerializer,
+            **_refusals(
+                s409="Not a failed, claimed provision (`cleanup_not_allowed`), or the token was "
+                "already used (`token_replayed`)."
+            ),
+        },
+    )
+    def post(self, request: Request, job_id: UUID) -> Response:
+        job = services.job_authorize_cleanup(job_id=job_id, run=self.run(request))
+        return Response({"id": job.pk, "approved": True, "label_selector": f"job-id={job.pk}"})

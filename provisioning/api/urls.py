@@ -13,6 +13,11 @@ urlpatterns: list[URLPattern] = [
     path("jobs/<uuid:job_id>/heartbeat", callbacks.JobHeartbeatApi.as_view(), name="job-heartbeat"),
     path("jobs/<uuid:job_id>/complete", callbacks.JobCompleteApi.as_view(), name="job-complete"),
     path("jobs/<uuid:job_id>/fail", callbacks.JobFailApi.as_view(), name="job-fail"),
+    path(
+        "jobs/<uuid:job_id>/cleanup-authorization",
+        callbacks.JobCleanupAuthorizationApi.as_view(),
+        name="job-cleanup-authorization",
+    ),
     path("agents/", customer.AgentListApi.as_view(), name="agent-list"),
     path("agents/<uuid:agent_id>/", customer.AgentDetailApi.as_view(), name="agent-detail"),
     path("reaper/verdicts", reaper.ReaperVerdictsApi.as_view(), name="reaper-verdicts"),

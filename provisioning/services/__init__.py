@@ -17,7 +17,13 @@ nothing. Nothing here calls another system while holding a row lock: dispatches 
 cancellations happen after commit.
 """
 
-from provisioning.services.callbacks import job_claim, job_complete, job_fail, job_heartbeat
+from provisioning.services.callbacks import (
+    job_authorize_cleanup,
+    job_claim,
+    job_complete,
+    job_fail,
+    job_heartbeat,
+)
 from provisioning.services.common import MAX_ERROR_CHARS, Run, RunRef
 from provisioning.services.dispatch import (
     dispatch_failed,
@@ -44,6 +50,7 @@ __all__ = [
     "agent_end",
     "dispatch_failed",
     "dispatch_soon",
+    "job_authorize_cleanup",
     "job_cancel",
     "job_check_concurrent_provision",
     "job_claim",

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from provisioning import backends, selectors
 from provisioning.errors import (
+    CleanupNotAllowed,
     DispatchPending,
     FencedOut,
     IncompleteReport,
@@ -35,7 +36,7 @@ from provisioning.services.common import (
     record_move,
     spend_token,
 )
-from provisioning.state import CLAIM, COMPLETE, DISPATCH, FAIL, HEARTBEAT
+from provisioning.state import CLAIM, CLEANUP, COMPLETE, DISPATCH, FAIL, HEARTBEAT
 
 # --- claim -----------------------------------------------------------------------------------
 
@@ -276,3 +277,42 @@ def job_fail(*, job_id: UUID | str, run: RunRef, error: str, failed_step: str) -
             failed_step=failed_step,
             run_id=run.run_id,
         )
+
+
+# --- cleanup -----------------------------------------------------------------------------------
+
+
+def job_authorize_cleanup(*, job_id: UUID | str, run: RunRef) -> ProvisioningJob:
+    """May this run delete every VM labelled with the job? Only the job's own cleanup run may.
+
+    Approved only for a failed provision that was claimed at least once (else no VM can exist)
+    whose recorded cleanup run is this run. Anything else is refused (404 no job, 409 not a failed
+    provision, 403 any other run) and the run deletes nothing. Changes no state; an approval is
+    recorded in the job's history, since it lets a run destroy servers.
+    """
+    job = selectors.job_get(job_id=job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    if job.is_deprovision or not job.allows(CLEANUP) or job.claimed_at is None:
+        raise CleanupNotAllowed(job_id=job.pk, why=_cleanup_refusal(job))
+    if not job.cleanup_run_id or job.cleanup_run_id != run.run_id:
+        raise WrongRun(job_id=job.pk, run_id=run.run_id)
+    with transaction.atomic():
+        spend_token(run, job_id=job.pk)
+        JobEvent.objects.create(
+            job=job,
+            actor=Actor.workflow(run.run_id),
+            action=JobEvent.Action.NOTE,
+            attempt=job.attempt,
+            workflow_run_id=run.run_id,
+            reason="Cleanup run authorized to delete every VM labelled with this job",
+        )
+    return job
+
+
+def _cleanup_refusal(job: ProvisioningJob) -> str:
+    if job.is_deprovision:
+        return "a deprovision job deletes its VMs in its own claimed run"
+    if not job.allows(CLEANUP):
+        return f"it is {job.status}, and only a failed job is cleaned up"
+    return "it was never claimed, so no VM of it can exist"

@@ -141,6 +141,7 @@ def job_send_cleanup(*, backend: RunnerBackend | None = None, limit: int = 20) -
     """CLEANUP: for failed provisions that were ever claimed, send one `mode: cleanup` run each.
 
     The run deletes every VM labelled with the job id, so nothing a dead attempt made keeps billing.
+    Its run id is stored: that run, and no other, is authorized to delete (job_authorize_cleanup).
     """
     backend = backend or backends.get_backend()
     sent = 0
@@ -165,6 +166,9 @@ def job_send_cleanup(*, backend: RunnerBackend | None = None, limit: int = 20) -
             )
             logger.warning("cleanup dispatch for job %s failed: %s", job.pk, exc)
             break
+        ProvisioningJob.objects.filter(pk=job.pk, cleanup_dispatched_at=now).update(
+            cleanup_run_id=result.run_id
+        )
         record_move(
             job,
             CLEANUP,

@@ -18,6 +18,7 @@ from provisioning.models import JobEvent, ProvisioningJob, UsedTokenId
 from tests.factories import AgentFactory
 from tests.fakes.hetzner import FakeHetzner
 from tests.fakes.oidc import bearer
+from tests.fakes.runner_backend import RecordingBackend
 from tests.provisioning.helpers import claimed
 
 pytestmark = pytest.mark.django_db
@@ -160,7 +161,7 @@ def test_a_failed_provisions_vm_is_deleted_with_a_note_on_the_job(api, token, ba
     assert "failed provision" in answer["301"][1]
     [note] = JobEvent.objects.filter(job=job, action=JobEvent.Action.NOTE)
     assert note.actor == f"workflow:{REAPER_RUN}"
-    assert note.reason.startswith("reaper deleting VM 301 (agent-x)")
+    assert note.reason.startswith("reaper deleting VM '301' (name reported by the run: 'agent-x')")
 
 
 def test_an_ended_agents_vms_are_deleted_even_its_recorded_one(api, token, backend):
@@ -220,13 +221,23 @@ def test_keeps_write_nothing(api, token, backend):
 # --- who may ask ------------------------------------------------------------------------------
 
 
-def test_a_scheduled_or_dispatched_run_may_ask_and_no_token_is_spent(api, token):
+def test_a_scheduled_run_may_ask_and_no_token_is_spent(api, token):
     same = token()
 
     assert ask(api, same, []).status_code == 200
     assert ask(api, same, []).status_code == 200  # read-only: no single-use jti
-    assert ask(api, token(event_name="workflow_dispatch"), []).status_code == 200
     assert UsedTokenId.objects.count() == 0
+
+
+def test_a_dispatched_run_may_not_ask_nor_write_into_any_history(api, token):
+    job, _run = claimed(RecordingBackend())
+    services.job_cancel(job_id=job.pk, actor="operator:test")
+    before = JobEvent.objects.count()
+
+    refused = ask(api, token(event_name="workflow_dispatch"), [vm(702, job=job, agent=job.agent)])
+
+    assert refused.status_code == 401
+    assert JobEvent.objects.count() == before
 
 
 @pytest.mark.parametrize(
