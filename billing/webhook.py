@@ -3,7 +3,8 @@
 dj-stripe's trigger validation assumes the body is a JSON object (`"id" not in data`); a scalar
 body (`5`, `null`, `false`) raises TypeError inside it and answers 500, which Stripe would retry
 and monitoring would page on. Every real Stripe event is an object, so anything else is refused
-here with 400 before dj-stripe stores or validates anything. So is a NUL character anywhere in the
+here with 400 before dj-stripe stores or validates anything, and so is a body nested more deeply
+than any event (a deeply nested array made json.loads raise RecursionError). So is a NUL character anywhere in the
 headers or the body: dj-stripe stores both, PostgreSQL refuses NUL in text and jsonb (another 500),
 and no Stripe event or signature ever contains one; a signature header must be ASCII.
 
@@ -19,6 +20,10 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.urls import reverse
 from djstripe.views import ProcessWebhookView
+
+from provisioning.api.parsers import MAX_NESTING, nesting_depth
+
+TOO_DEEP = f"The webhook body is not valid JSON or is nested deeper than {MAX_NESTING} levels."
 
 
 def webhook_path(endpoint_uuid: str | None = None) -> str:
@@ -47,11 +52,15 @@ class StripeWebhookView(ProcessWebhookView):  # type: ignore[misc]
             return HttpResponseBadRequest("The webhook request contains NUL characters.")
         try:
             payload = json.loads(request.body)
+        except RecursionError:
+            return HttpResponseBadRequest(TOO_DEEP)
         except (ValueError, UnicodeDecodeError):
             return HttpResponseBadRequest("The webhook body is not valid JSON.")
         if not isinstance(payload, dict):
             return HttpResponseBadRequest(
                 "The webhook body must be a JSON object (a Stripe event)."
             )
+        if nesting_depth(payload) > MAX_NESTING:
+            return HttpResponseBadRequest(TOO_DEEP)
         answer: HttpResponse = super().post(request, *args, **kwargs)
         return answer

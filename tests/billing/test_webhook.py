@@ -172,6 +172,14 @@ def _refusals() -> list[Any]:
         pytest.param({"body": b"null"}, 400, id="json-null"),
         pytest.param({"body": b"false"}, 400, id="json-false"),
         pytest.param({"body": b'["evt_1"]'}, 400, id="json-array"),
+        # Nesting: json.loads recursed into RecursionError (500); past any event's depth, refused.
+        pytest.param({"body": b"[" * 50_000}, 400, id="deeply-nested-array"),
+        pytest.param({"body": b'{"a":' * 50_000}, 400, id="deeply-nested-object"),
+        pytest.param(
+            {"body": b'{"id": "evt_1", "x": ' + b'{"a": ' * 40 + b"1" + b"}" * 41},
+            400,
+            id="object-nested-past-the-limit",
+        ),
         # NUL characters: PostgreSQL refuses them in the rows dj-stripe writes (another 500).
         pytest.param({"body": b'{"id": "evt_\\u0000"}'}, 400, id="json-nul-escape"),
         pytest.param({"signature": "t=1,v1=00\x00"}, 400, id="nul-in-signature-header"),
