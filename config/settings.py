@@ -11,6 +11,7 @@ from pathlib import Path
 
 import django_stubs_ext
 import environ
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 # Lets classes be subscripted at run time as the type stubs declare them (ModelAdmin[Model], …).
@@ -56,6 +57,7 @@ INSTALLED_APPS = [
     "axes",  # login throttling
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets, served by us (no CDN)
     "django_htmx",
     "djstripe",
     "provisioning",
@@ -64,6 +66,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -195,6 +198,25 @@ if not SECURE_HSTS_PRELOAD:
     # Preloading is a one-way door a deploy must choose deliberately.
     SILENCED_SYSTEM_CHECKS.append("security.W021")
 
+# --- Content Security Policy (django-csp) --------------------------------------------------------
+# Every page (dashboard, admin, API docs) loads scripts, styles and images from this origin only:
+# no inline scripts or styles anywhere. Forms post here; the buy form's answer may redirect to
+# Stripe Checkout.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF, "https://checkout.stripe.com"],
+        "frame-ancestors": [NONE],
+    }
+}
+
 # --- REST framework / OpenAPI -----------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -210,6 +232,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Workflow-run callbacks (OIDC) and the customer's read API (session).",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from drf-spectacular-sidecar's static files: works offline, no CDN to trust.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # The schema and Swagger UI describe the contract, not data: readable without a login.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     # One name per choice set (`step` and `failed_step` share the runner's steps).
