@@ -96,6 +96,7 @@ def test_a_run_drives_its_job_from_claim_through_heartbeats_to_running(
         "attempt": 1,
         "agent": {"id": str(job.agent_id), "name": job.agent.name},
         "region": "us-east",
+        "kind": "provision",
     }
     assert [b.status_code for b in beats] == [200, 200, 200]
     assert beats[0].json() == {"status": "provisioning"}
