@@ -109,7 +109,7 @@ def agent_name_clean(value: object) -> str:
 
 def region_clean(value: object) -> str:
     if value is None or value == "":
-        return Region.US_EAST.value  # DESIGN.md: region defaults to us-east
+        return Region.US_EAST.value  # a session without a region is built in the default one
     if value not in Region.values:
         raise PurchaseInvalid(
             UnfulfillableReason.BAD_METADATA,
@@ -179,13 +179,13 @@ def purchase_validate(*, session: dict[str, Any], livemode: bool) -> Purchase:
 
 def _price_check(session: dict[str, Any]) -> None:
     """Our price's amount and currency, when configured (STRIPE_PRICE_AMOUNT/_CURRENCY)."""
-    want_currency = getattr(settings, "STRIPE_PRICE_CURRENCY", "")
+    want_currency = settings.STRIPE_PRICE_CURRENCY
     if want_currency and str(session.get("currency") or "").lower() != want_currency:
         raise PurchaseInvalid(
             UnfulfillableReason.WRONG_PRICE,
             f"currency {session.get('currency')!r}, expected {want_currency!r}",
         )
-    want_amount = getattr(settings, "STRIPE_PRICE_AMOUNT", None)
+    want_amount = settings.STRIPE_PRICE_AMOUNT
     if want_amount is not None:
         # Before discounts and tax: a coupon or VAT must not make a real order unfulfillable.
         amount = session.get("amount_subtotal", session.get("amount_total"))

@@ -245,7 +245,7 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
-# --- The provisioning queue (the seed's three constants and what dispatch needs) -------------
+# --- The provisioning queue (timeouts, retries, and what dispatch needs) ----------------------
 HEARTBEAT_INTERVAL_SECONDS = env.int("HEARTBEAT_INTERVAL_SECONDS", default=60)
 JOB_TIMEOUT_SECONDS = env.int("JOB_TIMEOUT_SECONDS", default=900)
 MAX_RETRIES = env.int("MAX_RETRIES", default=3)

@@ -13,7 +13,7 @@ Safety rules, in one place:
 
 Deprovision (`mode: deprovision`, a deprovision job's own id): claim → delete every VM labelled
 with the agent the claim names (`agent-id`, whichever job or attempt made it) → complete with
-empty `server_id` and `ipv4`. DESIGN's steps are about building a VM, so none names "deleting";
+empty `server_id` and `ipv4`. The job's steps are about building a VM, so none names "deleting";
 the deletion is reported as step `claim` (the most honest of them: the run has picked the job
 up and is working on it; `create-server` would tell the customer their server is being created)
 with `progress` rising from 10 to 90 as VMs go, and `complete` only at the end. A VM the run

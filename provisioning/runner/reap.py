@@ -33,7 +33,7 @@ def _log(message: str) -> None:
 
 
 def describe(vm: Vm) -> dict[str, Any]:
-    """What the service needs to judge one VM (DESIGN: labels say whose it is)."""
+    """What the service needs to judge one VM (its labels say whose it is)."""
     return {
         "server_id": vm.id,
         "name": vm.name,
