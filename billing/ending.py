@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -235,6 +236,19 @@ def dispute_created(*, event_id: str, event_type: str, dispute: dict[str, Any]) 
     except _Unmatched as exc:
         return _unmatched(event_id, event_type, dispute, exc, ids)
     return _end(agent, event_id=event_id, event_type=event_type)
+
+
+def wrong_livemode(
+    *, event_id: str, event_type: str, payload: dict[str, Any], livemode: bool
+) -> EndingResult:
+    """An ending event from the other Stripe mode (test vs live): never end anything on it."""
+    error = _Unmatched(
+        UnmatchedReason.WRONG_LIVEMODE,
+        f"livemode={livemode} but this service runs with STRIPE_LIVE_MODE="
+        f"{settings.STRIPE_LIVE_MODE}",
+    )
+    ids = {"stripe_object_id": _id_of(payload)}
+    return _unmatched(event_id, event_type, payload, error, ids)
 
 
 def known_charge_record(*, event_id: str, charge: dict[str, Any]) -> KnownCharge | None:

@@ -47,6 +47,7 @@ class OperatorCase(models.Model):
 
 class UnfulfillableReason(models.TextChoices):
     UNKNOWN_CUSTOMER = "unknown_customer", "Unknown customer"
+    INELIGIBLE_CUSTOMER = "ineligible_customer", "Customer account inactive or staff"
     BAD_METADATA = "bad_metadata", "Missing or invalid metadata"
     WRONG_MODE = "wrong_mode", "Not a subscription checkout"
     WRONG_LIVEMODE = "wrong_livemode", "Live/test mode mismatch"
@@ -89,6 +90,7 @@ class UnfulfillablePayment(OperatorCase):
 class UnmatchedReason(models.TextChoices):
     NO_AGENT = "no_agent", "No agent matches"
     SEVERAL_AGENTS = "several_agents", "Several agents match"
+    WRONG_LIVEMODE = "wrong_livemode", "Live/test mode mismatch"
 
 
 class UnmatchedEndingEvent(OperatorCase):

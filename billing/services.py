@@ -141,6 +141,14 @@ def _user_for_reference(reference: object) -> User:
             UnfulfillableReason.UNKNOWN_CUSTOMER,
             f"client_reference_id {reference[:64]!r} is not one of our users",
         )
+    if not user.is_active or user.is_staff:
+        # A deactivated account, or a staff login (operators buy nothing): an operator decides.
+        raise PurchaseInvalid(
+            UnfulfillableReason.INELIGIBLE_CUSTOMER,
+            f"client_reference_id {reference[:64]!r} names an "
+            + ("inactive" if not user.is_active else "staff")
+            + " account",
+        )
     return user
 
 

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from django.conf import settings
 from djstripe.event_handlers import djstripe_receiver
 
 from billing import ending, services
@@ -43,6 +44,22 @@ def _object_of(event: StripeEvent) -> dict[str, Any]:
 
 
 _session_of = _object_of
+
+
+def _other_mode(event: StripeEvent, obj: dict[str, Any]) -> bool:
+    """Is this event (or its object) from the Stripe mode this service does not run in?"""
+    live = bool(settings.STRIPE_LIVE_MODE)
+    return bool(event.livemode) != live or bool(obj.get("livemode", event.livemode)) != live
+
+
+def _ending_in_other_mode(event: StripeEvent, obj: dict[str, Any]) -> bool:
+    """Checks an ending event's mode like purchases are checked; records a mismatch for operators."""
+    if not _other_mode(event, obj):
+        return False
+    ending.wrong_livemode(
+        event_id=event.id, event_type=event.type, payload=obj, livemode=bool(event.livemode)
+    )
+    return True
 
 
 @_receiver("checkout.session.completed")
@@ -91,23 +108,34 @@ def checkout_session_async_payment_failed_event(
 def customer_subscription_deleted_event(
     sender: object, event: StripeEvent, **kwargs: object
 ) -> None:
-    ending.subscription_deleted(
-        event_id=event.id, event_type=event.type, subscription=_object_of(event)
-    )
+    subscription = _object_of(event)
+    if _ending_in_other_mode(event, subscription):
+        return
+    ending.subscription_deleted(event_id=event.id, event_type=event.type, subscription=subscription)
 
 
 @_receiver("charge.refunded")
 def charge_refunded_event(sender: object, event: StripeEvent, **kwargs: object) -> None:
     """Only a full refund ends the agent; a partial one is logged and changes nothing."""
-    ending.charge_refunded(event_id=event.id, event_type=event.type, charge=_object_of(event))
+    charge = _object_of(event)
+    if _ending_in_other_mode(event, charge):
+        return
+    ending.charge_refunded(event_id=event.id, event_type=event.type, charge=charge)
 
 
 @_receiver("charge.dispute.created")
 def charge_dispute_created_event(sender: object, event: StripeEvent, **kwargs: object) -> None:
-    ending.dispute_created(event_id=event.id, event_type=event.type, dispute=_object_of(event))
+    dispute = _object_of(event)
+    if _ending_in_other_mode(event, dispute):
+        return
+    ending.dispute_created(event_id=event.id, event_type=event.type, dispute=dispute)
 
 
 @_receiver("charge.succeeded")
 def charge_succeeded_event(sender: object, event: StripeEvent, **kwargs: object) -> None:
     """Remember whose the charge is: a later dispute names only the charge."""
-    ending.known_charge_record(event_id=event.id, charge=_object_of(event))
+    charge = _object_of(event)
+    if _other_mode(event, charge):
+        logger.info("%s: charge from the other Stripe mode, not recorded", event.id)
+        return
+    ending.known_charge_record(event_id=event.id, charge=charge)
