@@ -257,6 +257,8 @@ WORKER_INTERVAL_SECONDS = env.float("WORKER_INTERVAL_SECONDS", default=5.0)
 JOB_DEADLINE_SECONDS = env.int("JOB_DEADLINE_SECONDS", default=3600)
 # How often the worker asks the runner backend (GitHub) about in-flight runs, per job.
 RECONCILE_INTERVAL_SECONDS = env.int("RECONCILE_INTERVAL_SECONDS", default=300)
+# A customer's "Re-provision" of one agent, at most this often per hour (every try makes a VM).
+REPROVISION_LIMIT_PER_HOUR = env.int("REPROVISION_LIMIT_PER_HOUR", default=3)
 # The reaper leaves a labelled VM younger than this alone (its job may not be recorded yet).
 REAPER_GRACE_SECONDS = env.int("REAPER_GRACE_SECONDS", default=1800)
 # How often the customer's agent page polls its status while work is active.

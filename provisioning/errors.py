@@ -57,6 +57,30 @@ class WrongRun(ProvisioningError):
         super().__init__(f"Run {run_id} was never dispatched for job {job_id}.")
 
 
+class CancelledByOurTeam(ProvisioningError):
+    """The customer's "try again" on a build an operator stopped: that is support's decision."""
+
+    code = "cancelled_by_operator"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Our team stopped this build. Please contact support if you want it started again."
+        )
+
+
+class ReprovisionLimited(ProvisioningError):
+    """Too many re-provisions of one agent within the hour (each makes a VM)."""
+
+    code = "reprovision_limited"
+    status_code = 429
+
+    def __init__(self, *, limit: int) -> None:
+        super().__init__(
+            f"This agent was re-provisioned {limit} times in the last hour. "
+            "Please wait a little, or contact support."
+        )
+
+
 class CleanupNotAllowed(ProvisioningError):
     """A cleanup run asked to delete the VMs of a job that is not a failed, claimed provision."""
 

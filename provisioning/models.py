@@ -285,6 +285,11 @@ class ProvisioningJob(models.Model):
         return not self.is_active
 
     @property
+    def is_cancelled(self) -> bool:
+        """Failed because someone stopped it (an operator, or the agent's end), not by itself."""
+        return self.is_failed and self.failed_step == Step.CANCELLED
+
+    @property
     def is_deprovision(self) -> bool:
         return self.kind == JobKind.DEPROVISION
 

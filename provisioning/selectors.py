@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce, Greatest
 
-from provisioning.models import Agent, JobEvent, JobKind, JobStatus, ProvisioningJob
+from provisioning.models import Actor, Agent, JobEvent, JobKind, JobStatus, ProvisioningJob
 
 
 def job_get(*, job_id: UUID | str) -> ProvisioningJob | None:
@@ -95,6 +95,16 @@ def job_queue_position(*, job: ProvisioningJob) -> int | None:
         ).count()
         + 1
     )
+
+
+def job_count_customer_retries(*, agent_id: UUID | str, since: datetime) -> int:
+    """How often the customer asked to build this agent again since `since` (their RETRY events)."""
+    return JobEvent.objects.filter(
+        job__agent_id=UUID(str(agent_id)),
+        action=JobEvent.Action.RETRY,
+        actor=Actor.CUSTOMER,
+        created_at__gte=since,
+    ).count()
 
 
 def job_was_dispatched_to_run(*, job_id: UUID | str, run_id: str) -> bool:

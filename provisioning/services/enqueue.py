@@ -7,12 +7,20 @@ is queued or provisioning.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from provisioning import selectors
-from provisioning.errors import AgentEnded, ProvisionInProgress
+from provisioning.errors import (
+    AgentEnded,
+    CancelledByOurTeam,
+    ProvisionInProgress,
+    ReprovisionLimited,
+)
 from provisioning.models import ACTIVE_STATUSES, Actor, Agent, JobKind, ProvisioningJob
 from provisioning.services.common import record_move
 from provisioning.services.dispatch import dispatch_soon
@@ -74,8 +82,10 @@ def job_reprovision(*, agent: Agent, actor: str = Actor.CUSTOMER) -> Provisionin
     """The customer's "try again" for a failed agent: RETRY (FAILED -> QUEUED) on its latest job,
     or ENQUEUE if it has none.
 
-    Refused with the in-progress message while the customer has any job queued or provisioning.
-    The customer's row is locked so two clicks (or two tabs) cannot both pass the check.
+    Refused with the in-progress message while the customer has any job queued or provisioning;
+    for a build our team cancelled (support decides); and past REPROVISION_LIMIT_PER_HOUR tries
+    of this agent in the last hour (each try makes a VM). The customer's row is locked so two
+    clicks (or two tabs) cannot both pass the checks.
     """
     if agent.is_ended:
         raise AgentEnded()
@@ -84,4 +94,10 @@ def job_reprovision(*, agent: Agent, actor: str = Actor.CUSTOMER) -> Provisionin
     latest = selectors.job_get_latest_for_agent(agent_id=agent.pk)
     if latest is None:
         return job_enqueue(agent=agent, actor=actor, reason="re-provision requested")
+    if latest.is_cancelled:
+        raise CancelledByOurTeam()
+    since = timezone.now() - timedelta(hours=1)
+    recent = selectors.job_count_customer_retries(agent_id=agent.pk, since=since)
+    if recent >= settings.REPROVISION_LIMIT_PER_HOUR:
+        raise ReprovisionLimited(limit=settings.REPROVISION_LIMIT_PER_HOUR)
     return job_retry(job_id=latest.pk, actor=actor, reason="re-provision requested by the customer")

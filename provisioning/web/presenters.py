@@ -135,8 +135,8 @@ def _queued_sentence(job: ProvisioningJob) -> str:
 
 
 def _failed_follow_up(job: ProvisioningJob) -> str:
-    if job.failed_step == Step.CANCELLED:
-        return "If you did not expect this, you can start the build again below."
+    if job.is_cancelled:
+        return "Please contact support if you want it started again."
     return "Our team has been notified and we are on it. You can also try again now."
 
 
@@ -206,7 +206,7 @@ def agent_status(agent: Agent, job: ProvisioningJob | None) -> AgentStatus:
         headline="Failed",
         sentence=step_message(job.failed_step, failed=True),
         follow_up=_failed_follow_up(job),
-        can_reprovision=job.allows(state.RETRY),
+        can_reprovision=job.allows(state.RETRY) and not job.is_cancelled,
         is_failed=True,
     )
 

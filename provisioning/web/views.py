@@ -18,7 +18,13 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from provisioning import selectors, services
-from provisioning.errors import AgentEnded, InvalidTransition, ProvisionInProgress
+from provisioning.errors import (
+    AgentEnded,
+    CancelledByOurTeam,
+    InvalidTransition,
+    ProvisionInProgress,
+    ReprovisionLimited,
+)
 from provisioning.models import Agent
 from provisioning.web.presenters import agent_present
 
@@ -83,7 +89,7 @@ def agent_reprovision(request: HttpRequest, agent_id: UUID) -> HttpResponse:
     agent = _own_agent(request, agent_id)
     try:
         services.job_reprovision(agent=agent)
-    except (ProvisionInProgress, AgentEnded) as exc:
+    except (ProvisionInProgress, AgentEnded, CancelledByOurTeam, ReprovisionLimited) as exc:
         messages.error(request, exc.message)
     except InvalidTransition:
         messages.info(request, "Only an agent whose build failed can be re-provisioned.")

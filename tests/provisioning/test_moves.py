@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
 from provisioning import services, state
@@ -169,8 +170,9 @@ def _retry(backend: RecordingBackend) -> Callable[[], object]:
 
 
 def _reprovision(backend: RecordingBackend) -> Callable[[], object]:
-    job = enqueue()
-    services.job_cancel(job_id=job.pk, actor="operator:ann")
+    with override_settings(MAX_RETRIES=0):  # its first failure is final
+        job, run = claimed(backend)
+    services.job_fail(job_id=job.pk, run=run, error="boom", failed_step="configure")
     return lambda: services.job_reprovision(agent=job.agent)
 
 

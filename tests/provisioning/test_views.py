@@ -417,3 +417,37 @@ def test_reprovision_of_a_running_agent_changes_nothing(customer_client, agent, 
     job.refresh_from_db()
     assert job.status == JobStatus.RUNNING
     assert "Only an agent whose build failed can be re-provisioned." in html(response)
+
+
+def test_a_build_our_team_cancelled_cannot_be_restarted_by_the_customer(customer_client, agent):
+    job = enqueue(agent)
+    services.job_cancel(job_id=job.pk, actor="operator:root", reason="duplicate order")
+
+    page = html(customer_client.get(detail_url(agent)))
+    answer = customer_client.post(reprovision_url(agent), follow=True)
+
+    assert "Please contact support if you want it started again." in page
+    assert f'action="{reprovision_url(agent)}"' not in page
+    assert "Our team stopped this build." in html(answer)
+    job.refresh_from_db()
+    assert job.is_failed and job.is_cancelled
+
+
+def test_re_provisions_of_one_agent_are_limited_per_hour(customer_client, agent, backend, settings):
+    settings.REPROVISION_LIMIT_PER_HOUR = 2
+    settings.MAX_RETRIES = 0
+    job, run = claimed(backend, agent)
+    for attempt in range(settings.REPROVISION_LIMIT_PER_HOUR):
+        services.job_fail(job_id=job.pk, run=run, error="boom", failed_step="configure")
+        customer_client.post(reprovision_url(agent))
+        job.refresh_from_db()
+        assert job.is_queued, f"re-provision {attempt + 1} was refused"
+        run = dispatch(job, backend)
+        services.job_claim(job_id=job.pk, attempt=job.attempt, run=run)
+    services.job_fail(job_id=job.pk, run=run, error="boom", failed_step="configure")
+
+    answer = customer_client.post(reprovision_url(agent), follow=True)
+
+    assert "re-provisioned 2 times in the last hour" in html(answer)
+    job.refresh_from_db()
+    assert job.is_failed
