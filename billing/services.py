@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -90,8 +91,15 @@ class Purchase:
 # validation
 
 
+# The one name policy, for the buy form and for fulfilment alike. Letters (any script, including
+# those outside the Basic Multilingual Plane), digits, spaces, hyphens and underscores: the name
+# shows on pages and in the server's labels and Ansible variables, so nothing needs quoting.
+AGENT_NAME_PATTERN = re.compile(r"[\w\- ]+\Z")
+AGENT_NAME_RULE = "use letters, digits, spaces, hyphens (-) and underscores (_) only"
+
+
 def agent_name_clean(value: object) -> str:
-    """1 to 64 printable characters after trimming; the dashboard's form and fulfilment share it."""
+    """1 to 64 characters after trimming, by AGENT_NAME_PATTERN; the buy form uses it too."""
     if not isinstance(value, str):
         raise PurchaseInvalid(UnfulfillableReason.BAD_METADATA, "metadata.agent_name is missing")
     name = value.strip()
@@ -100,9 +108,9 @@ def agent_name_clean(value: object) -> str:
             UnfulfillableReason.BAD_METADATA,
             f"metadata.agent_name must be 1 to {AGENT_NAME_MAX_CHARS} characters, got {len(name)}",
         )
-    if not name.isprintable():
+    if not AGENT_NAME_PATTERN.match(name):
         raise PurchaseInvalid(
-            UnfulfillableReason.BAD_METADATA, "metadata.agent_name has control characters"
+            UnfulfillableReason.BAD_METADATA, f"metadata.agent_name: {AGENT_NAME_RULE}"
         )
     return name
 

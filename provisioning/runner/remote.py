@@ -93,10 +93,16 @@ def configure(
     """Run the playbook against the VM, streaming its output into the log."""
     settings.require("ssh_private_key_file")
     # YAML with every value tagged !unsafe: the agent's name is customer text, and Ansible
-    # would otherwise evaluate any Jinja in it on this runner, where the secrets are.
+    # would otherwise evaluate any Jinja in it on this runner, where the secrets are. Written as
+    # UTF-8, not \u escapes: a name outside the Basic Multilingual Plane would otherwise become a
+    # surrogate pair that YAML refuses.
     vars_file = workdir / "agent-vars.yml"
     vars_file.write_text(
-        "".join(f"{key}: !unsafe {json.dumps(str(value))}\n" for key, value in variables.items())
+        "".join(
+            f"{key}: !unsafe {json.dumps(str(value), ensure_ascii=False)}\n"
+            for key, value in variables.items()
+        ),
+        encoding="utf-8",
     )
     ssh_args = " ".join(_ssh_options(settings, known_hosts)[:-2])
     command = [

@@ -123,3 +123,24 @@ def test_health_check_gives_up_with_the_last_answer(tmp_path, vm_endpoint):
 
     with pytest.raises(remote.RemoteError, match="HTTP 503"):
         remote.health_check(settings, "127.0.0.1", sleep=lambda _s: None, log=lambda _l: None)
+
+
+@pytest.mark.parametrize("name", ["\U0001d400gent", "\U00020000 bot", "café-1", "{{ 7 * 7 }}"])
+def test_any_accepted_name_survives_the_vars_file_as_ansible_reads_it(tmp_path, name):
+    from ansible.parsing.yaml.loader import AnsibleLoader
+
+    settings = settings_for(tmp_path, RUNNER_ANSIBLE_PLAYBOOK=fake_ansible(tmp_path, 0))
+
+    remote.configure(
+        settings,
+        "203.0.113.9",
+        tmp_path / "known_hosts",
+        {"agent_name": name, "job_id": "j"},
+        tmp_path,
+        on_task=lambda _n: None,
+        log=lambda _line: None,
+        checkpoint=lambda: None,
+    )
+
+    loaded = AnsibleLoader((tmp_path / "vars.yml").read_text(encoding="utf-8")).get_single_data()
+    assert str(loaded["agent_name"]) == name
