@@ -9,7 +9,8 @@ servers answered under `delete`.
 Rules, in the order they are applied (the first that matches decides):
 
 Never deleted (checked first, whatever else is true):
-  1. the current VM of a non-ended agent (`agent.server_id` equals the server id);
+  1. the current VM of a non-ended agent (some agent's `server_id` equals the server id,
+     whatever the server's labels say);
   2. a VM whose job is `queued` or `provisioning` (a run may be building or adopting it);
   3. a VM of an agent whose latest provision job is `queued` or `provisioning` (a rebuild is
      under way; the previous VM is still the customer's until it completes);
@@ -120,6 +121,9 @@ class Facts:
     agent: Agent | None  # the labelled agent, else its job's agent
     related: ProvisioningJob | None  # its job, else the agent's latest job (for the audit note)
     latest: ProvisioningJob | None  # the agent's latest provision job
+    # The non-ended agent whose current server this is, found by the server id alone: labels
+    # are whatever the run reported and may be missing or wrong.
+    serving: Agent | None = None
 
 
 @dataclass(frozen=True)
@@ -147,10 +151,9 @@ def _agent_alive(facts: Facts) -> Agent | None:
 
 
 def rule_current_vm(facts: Facts) -> Decision | None:
-    """1. The current VM of a non-ended agent."""
-    agent = _agent_alive(facts)
-    if agent is not None and agent.server_id == facts.server.server_id:
-        return _keep(f"current VM of agent {agent.pk}")
+    """1. The current VM of a non-ended agent, whatever its labels say."""
+    if facts.serving is not None:
+        return _keep(f"current VM of agent {facts.serving.pk}")
     return None
 
 
@@ -289,6 +292,12 @@ def _facts(servers: list[ManagedServer]) -> list[Facts]:
     agents = {a.pk: a for a in Agent.objects.filter(pk__in=agent_ids)}
     latest_provision = _latest_provisions(agents)
     latest_any = _latest_any(agents)
+    serving = {
+        a.server_id: a
+        for a in Agent.objects.filter(
+            server_id__in={s.server_id for s in servers if s.server_id}, ended_at__isnull=True
+        )
+    }
     facts = []
     for server in servers:
         job = _by_label(jobs, server.job_id)
@@ -302,6 +311,7 @@ def _facts(servers: list[ManagedServer]) -> list[Facts]:
                 agent=agent,
                 related=job or (latest_any.get(agent.pk) if agent else None),
                 latest=latest_provision.get(agent.pk) if agent else None,
+                serving=serving.get(server.server_id),
             )
         )
     return facts

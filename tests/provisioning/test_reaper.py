@@ -151,6 +151,32 @@ def test_a_running_agents_vm_is_kept_even_without_labels_the_database_knows(api,
     assert answer["204"][0] == "keep"
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {},  # no labels the database knows
+        {"job": "failed"},  # labelled with another, failed job: rule 7 would delete it
+        {"agent": "ended"},  # labelled with an ended agent: rule 6 would delete it
+    ],
+    ids=["unlabelled", "labelled-failed-job", "labelled-ended-agent"],
+)
+def test_a_running_agents_current_vm_is_kept_whatever_its_labels_say(api, token, backend, labels):
+    job = running(backend, server_id="205")
+    other, _run = claimed(backend)
+    services.job_cancel(job_id=other.pk, actor="operator:test")
+    ended = AgentFactory(ended_at=timezone.now())
+    server = vm(
+        205,
+        job=other if labels.get("job") else None,
+        agent=ended if labels.get("agent") else None,
+        age={"days": 30},
+    )
+
+    answer = verdicts(ask(api, token(), [server]))
+
+    assert answer["205"] == ("keep", f"current VM of agent {job.agent_id}")
+
+
 def test_a_failed_provisions_vm_is_deleted_with_a_note_on_the_job(api, token, backend):
     job, _run = claimed(backend)
     services.job_cancel(job_id=job.pk, actor="operator:ann", reason="stuck")
