@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -17,15 +19,51 @@ def _on_postgres() -> bool:
     return settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
 
 
+NEEDS_POSTGRES = (
+    "need PostgreSQL: row locks, SKIP LOCKED, real concurrency; set DATABASE_URL or start "
+    "PostgreSQL at 127.0.0.1:5432 to run them"
+)
+SKIP_SUMMARY = pytest.StashKey[str]()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _on_postgres():
         return
-    skip = pytest.mark.skip(
-        reason="PostgreSQL only (row locks, SKIP LOCKED, real concurrency): set DATABASE_URL"
-    )
+    skip = pytest.mark.skip(reason=NEEDS_POSTGRES)
     for item in items:
         if "postgres_only" in item.keywords:
             item.add_marker(skip)
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Count the skipped tests by reason; `pytest_sessionfinish` prints it as the last line."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if r.when != "teardown"]
+    if not skipped:
+        return
+    by_reason = Counter(_skip_reason(r) for r in skipped)
+    parts = [
+        f"{n} test{'s' if n != 1 else ''} skipped ({reason})"
+        for reason, n in by_reason.most_common()
+    ]
+    prefix = "" if _on_postgres() else "SQLite: "
+    config.stash[SKIP_SUMMARY] = prefix + "; ".join(parts)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
+    # Runs after the terminal reporter's "N passed, M skipped" line, so this is the last line.
+    result = yield
+    line = session.config.stash.get(SKIP_SUMMARY, "")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if line and reporter is not None:
+        reporter.write_line(line, yellow=True, bold=True)
+    return result
 
 
 @pytest.fixture
