@@ -10,6 +10,7 @@ from django.utils import timezone
 from provisioning import selectors, services
 from provisioning.errors import (
     PROVISION_IN_PROGRESS_MESSAGE,
+    AgentEnded,
     DispatchPending,
     FencedOut,
     IncompleteReport,
@@ -666,7 +667,7 @@ def test_a_deprovision_completes_by_clearing_the_server(backend):
 
     job.agent.refresh_from_db()
     assert (job.agent.server_id, job.agent.ipv4) == ("", None)
-    with pytest.raises(Exception, match="ended"):
+    with pytest.raises(AgentEnded):
         services.job_reprovision(agent=job.agent)
 
 
