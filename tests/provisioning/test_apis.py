@@ -146,16 +146,15 @@ def test_a_failed_attempt_is_requeued_and_the_next_run_completes_it(
     assert (job.status, job.attempt, job.retry_count) == ("running", 2, 1)
 
 
-def test_fail_with_no_retries_left_ends_the_job_failed(api, oidc_issuer, provisioning_job):
-    job, run_id = provisioning_job
-    ProvisioningJob.objects.filter(pk=job.pk).update(max_retries=0)
+def test_fail_with_no_retries_left_ends_the_job_failed(api, oidc_issuer, backend):
+    job, run = claimed(backend, max_retries=0)
 
     response = call(
         api,
         job.pk,
         "fail",
         {"error": "boom", "failed_step": "create-server"},
-        oidc_issuer.mint(run_id=run_id),
+        oidc_issuer.mint(run_id=run.run_id),
     )
 
     assert response.status_code == 200
@@ -500,8 +499,7 @@ def test_a_running_agent_shows_its_address_and_a_failed_one_a_safe_message(api, 
     user = UserFactory()
     ok_job, ok_run = claimed(backend, AgentFactory(owner=user, name="ok"))
     services.job_complete(job_id=ok_job.pk, run=ok_run, server_id="1", ipv4="203.0.113.9")
-    bad_job, bad_run = claimed(backend, AgentFactory(owner=user, name="bad"))
-    ProvisioningJob.objects.filter(pk=bad_job.pk).update(max_retries=0)
+    bad_job, bad_run = claimed(backend, AgentFactory(owner=user, name="bad"), max_retries=0)
     secret = "Traceback: HCLOUD_TOKEN=abc123 at /home/runner/secret"
     services.job_fail(job_id=bad_job.pk, run=bad_run, error=secret, failed_step=Step.CONFIGURE)
     api.force_login(user)

@@ -55,8 +55,7 @@ def reprovision_url(agent: Agent) -> str:
 
 def failed_job(backend, agent: Agent, *, step: str = Step.CONFIGURE) -> ProvisioningJob:
     """A job whose only attempt failed at `step`, with no retries left."""
-    job = enqueue(agent)
-    ProvisioningJob.objects.filter(pk=job.pk).update(max_retries=0)
+    job = enqueue(agent, max_retries=0)
     run = dispatch(job, backend)
     services.job_claim(job_id=job.pk, attempt=job.attempt, run=run)
     return services.job_fail(
