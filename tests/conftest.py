@@ -93,6 +93,25 @@ def fast_flush() -> Iterator[None]:
     PostgresOperations.sql_flush = _truncate_flush  # type: ignore[method-assign]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After a transactional test with `available_apps`, put back what its flush took.
+
+    Django flushes such a test's apps without sending post_migrate, so auth's permissions and
+    the content types are gone for every later test (an operator given `retry_job` would get
+    none). A flush of the whole database sends it; this does the same for the restricted one.
+    """
+    result = yield
+    marker = item.get_closest_marker("django_db")
+    if marker is not None and marker.kwargs.get("available_apps") is not None:
+        from django.core.management.sql import emit_post_migrate_signal
+        from pytest_django.plugin import blocking_manager_key
+
+        with item.config.stash[blocking_manager_key].unblock():
+            emit_post_migrate_signal(verbosity=0, interactive=False, db="default")
+    return result
+
+
 @pytest.fixture
 def backend() -> RecordingBackend:
     """A runner backend that records dispatches and hands out run ids, like GitHub would."""

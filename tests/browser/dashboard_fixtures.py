@@ -22,7 +22,7 @@ from django.db import connections
 from billing import services as billing_services
 from billing import test_events
 from provisioning import backends
-from provisioning.localdev.fake_hetzner import FakeHetzner
+from tests.fakes.hetzner import FakeHetzner
 from tests.fakes.oidc import running_issuer
 
 T = TypeVar("T")

@@ -3,6 +3,9 @@
 Register with ``pytest_plugins = ["tests.fakes.hetzner"]`` (or import the fixture); the fixture
 yields a running ``FakeHetzner``: give ``fake_hetzner.url`` to ``hcloud.Client(api_endpoint=)``
 or to ``HCLOUD_API_ENDPOINT``, and read ``fake_hetzner.servers`` to see what exists.
+
+``FakeHetzner`` here is ``provisioning.localdev.fake_hetzner.FakeHetzner`` whose server loop
+notices ``stop()`` within 20 ms: the default poll of 0.5 s is paid at every fixture teardown.
 """
 
 from __future__ import annotations
@@ -12,16 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from provisioning.localdev.fake_hetzner import FakeHetzner
+from provisioning.localdev import fake_hetzner as localdev
 
-__all__ = ["FakeHetzner", "QuickFakeHetzner", "fake_hetzner"]
+__all__ = ["FakeHetzner", "fake_hetzner"]
 
 
-class QuickFakeHetzner(FakeHetzner):
-    """The fake whose server loop notices `stop()` within 20 ms (the default poll is 0.5 s, paid
-    at every fixture teardown)."""
-
-    def start(self) -> QuickFakeHetzner:
+class FakeHetzner(localdev.FakeHetzner):
+    def start(self) -> FakeHetzner:
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.02,), name="fake-hetzner", daemon=True
         )
@@ -31,5 +31,5 @@ class QuickFakeHetzner(FakeHetzner):
 
 @pytest.fixture
 def fake_hetzner() -> Iterator[FakeHetzner]:
-    with QuickFakeHetzner(action_seconds=0.0) as fake:
+    with FakeHetzner(action_seconds=0.0) as fake:
         yield fake
