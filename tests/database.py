@@ -24,6 +24,9 @@ def _is_postgres(url: str) -> bool:
 
 
 def redacted(url: str) -> str:
+    """The URL without its password (SQLite URLs have none)."""
+    if not _is_postgres(url):
+        return url
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.port:
