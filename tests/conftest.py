@@ -93,6 +93,16 @@ def fast_flush() -> Iterator[None]:
     PostgresOperations.sql_flush = _truncate_flush  # type: ignore[method-assign]
 
 
+def _db_blocker(config: pytest.Config) -> Any:
+    try:
+        from pytest_django.plugin import blocking_manager_key
+    except ImportError:  # pytest-django before the stash key
+        from pytest_django.plugin import _blocking_manager
+
+        return _blocking_manager
+    return config.stash[blocking_manager_key]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """After a transactional test with `available_apps`, put back what its flush took.
@@ -105,9 +115,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     marker = item.get_closest_marker("django_db")
     if marker is not None and marker.kwargs.get("available_apps") is not None:
         from django.core.management.sql import emit_post_migrate_signal
-        from pytest_django.plugin import blocking_manager_key
 
-        with item.config.stash[blocking_manager_key].unblock():
+        with _db_blocker(item.config).unblock():
             emit_post_migrate_signal(verbosity=0, interactive=False, db="default")
     return result
 
