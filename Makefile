@@ -39,9 +39,14 @@ fmt: install
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-## make test: lint, check that models and migrations agree, run the suite
+## make test: lint, check that models and migrations agree, run the suite. On PostgreSQL whenever
+## one answers: DATABASE_URL if set, else postgres://postgres@127.0.0.1:5432/agent_provisioning_test
+## (created if missing); SQLite only when none answers (the last line then says what was skipped).
 test: install lint
-	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
+	@url="$$($(PY) tests/database.py)" || exit 1; \
+	if [ -n "$$url" ]; then export DATABASE_URL="$$url"; else unset DATABASE_URL; fi; \
+	set -x; \
+	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run && \
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 ## make bench: every path against its ceiling in one run (PostgreSQL at 127.0.0.1:5432); writes bench/RESULTS.md

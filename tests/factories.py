@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
+
 import factory
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
-from provisioning.models import Agent, JobStatus, ProvisioningJob
+from provisioning.models import Actor, Agent, JobEvent, JobStatus, ProvisioningJob
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -36,3 +40,26 @@ class JobFactory(factory.django.DjangoModelFactory):
     user = factory.LazyAttribute(lambda j: j.agent.owner)
     region = factory.LazyAttribute(lambda j: j.agent.region)
     status = JobStatus.QUEUED
+
+
+def backdate_row(obj: Any, create: bool, extracted: timedelta | None, **_kwargs: Any) -> None:
+    """`backdate=timedelta(...)`: the row was created that long ago (created_at is set on insert
+    by auto_now_add, so it is moved afterwards)."""
+    if create and extracted is not None:
+        obj.created_at = timezone.now() - extracted
+        type(obj).objects.filter(pk=obj.pk).update(created_at=obj.created_at)
+
+
+class JobEventFactory(factory.django.DjangoModelFactory):
+    """One history row shaped like the services write them. For read paths (admin, retention);
+    transitions in tests go through the services, which write their own events."""
+
+    class Meta:
+        model = JobEvent
+        skip_postgeneration_save = True
+
+    job = factory.SubFactory(JobFactory)
+    actor = Actor.SYSTEM
+    action = JobEvent.Action.DISPATCH
+    attempt = factory.LazyAttribute(lambda e: e.job.attempt)
+    backdate = factory.PostGeneration(backdate_row)

@@ -138,8 +138,10 @@ class CallbackApi(_ServiceClient):
         *,
         log: Callable[[str], None] = lambda _msg: None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(settings, log=log, sleep=sleep)
+        self._clock = clock
         self._base = f"{settings.api_url}/api/v1/jobs/{job_id}"
 
     def _post(self, verb: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -150,17 +152,17 @@ class CallbackApi(_ServiceClient):
 
     def claim(self, attempt: int) -> dict[str, Any]:
         """Claim the job; waits out `dispatch_pending` (the server has not stored our run yet)."""
-        deadline = time.monotonic() + self._settings.claim_retry_seconds
+        deadline = self._clock() + self._settings.claim_retry_seconds
         delay = max(self._settings.retry_backoff_seconds / 2, 0.01)
         while True:
             try:
                 return self._post("claim", {"attempt": attempt})
             except ApiError as exc:
-                if exc.code != "dispatch_pending" or time.monotonic() + delay > deadline:
+                if exc.code != "dispatch_pending" or self._clock() + delay > deadline:
                     raise
                 self._log(f"claim: dispatch not recorded yet; retrying in {delay:.1f}s")
             except ApiUnavailable as exc:
-                if time.monotonic() + delay > deadline:
+                if self._clock() + delay > deadline:
                     raise
                 self._log(f"claim got no answer ({exc}); retrying in {delay:.1f}s")
             self._sleep(delay)

@@ -86,8 +86,15 @@ def valid_label_value(value: str) -> bool:
 
 
 class Cloud:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         settings.require("hcloud_token")
+        self._sleep, self._clock = sleep, clock
         kwargs: _Endpoint = (
             {"api_endpoint": settings.hcloud_endpoint} if settings.hcloud_endpoint else {}
         )
@@ -216,7 +223,7 @@ class Cloud:
         return vm
 
     def wait_running(self, server_id: str, *, timeout: float, checkpoint: Callable[[], None]) -> Vm:
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
         while True:
             checkpoint()
             vm = self.get(server_id)
@@ -224,9 +231,9 @@ class Cloud:
                 raise CloudError(f"server {server_id} disappeared while starting")
             if vm.status == "running" and vm.ipv4:
                 return vm
-            if time.monotonic() > deadline:
+            if self._clock() > deadline:
                 raise CloudError(f"server {server_id} still {vm.status!r} after {timeout:.0f}s")
-            time.sleep(max(self._settings.hcloud_poll_seconds, 0.05))
+            self._sleep(max(self._settings.hcloud_poll_seconds, 0.05))
 
     # -- delete ---------------------------------------------------------------------------
     def delete(self, server_id: str) -> bool:

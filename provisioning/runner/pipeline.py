@@ -76,9 +76,22 @@ class Cancelled(Exception):
 
 
 class Runner:
-    def __init__(self, settings: Settings, state: RunState) -> None:
+    """`sleep` and `clock` pace every wait (simulated steps, SSH and health polling, Hetzner
+    polling, API retries); the defaults are real time, tests pass a fake clock. Left at None,
+    `sleep` waits on the fence event, so a refused heartbeat ends the wait at once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: RunState,
+        *,
+        sleep: Callable[[float], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.state = state
+        self._pause = sleep
+        self._clock = clock
         self._step_lines: deque[str] = deque(maxlen=400)
         self._fenced = threading.Event()
         self._fence_reason = ""
@@ -97,13 +110,19 @@ class Runner:
     @property
     def api(self) -> CallbackApi:
         if self._api is None:
-            self._api = CallbackApi(self.settings, self.state.job_id, log=self.log)
+            self._api = CallbackApi(
+                self.settings,
+                self.state.job_id,
+                log=self.log,
+                sleep=self._pause or time.sleep,
+                clock=self._clock,
+            )
         return self._api
 
     @property
     def cloud(self) -> Cloud:
         if self._cloud is None:
-            self._cloud = Cloud(self.settings)
+            self._cloud = Cloud(self.settings, sleep=self._pause or time.sleep, clock=self._clock)
         return self._cloud
 
     @property
@@ -126,7 +145,10 @@ class Runner:
             raise Fenced(reason)
 
     def sleep(self, seconds: float) -> None:
-        self._fenced.wait(seconds)
+        if self._pause is None:
+            self._fenced.wait(seconds)
+        else:
+            self._pause(seconds)
         self.checkpoint()
 
     def enter_step(self, step: str, progress: int | None = None) -> None:
@@ -262,7 +284,12 @@ class Runner:
             return
         self._fail_knob("wait-ssh", f"ssh: connect to host {ip} port 22: Connection timed out")
         remote.wait_ssh(
-            self.settings, ip, self.workdir / "known_hosts", sleep=self.sleep, log=self.log
+            self.settings,
+            ip,
+            self.workdir / "known_hosts",
+            sleep=self.sleep,
+            log=self.log,
+            clock=self._clock,
         )
 
     def configure(self) -> None:
@@ -318,7 +345,7 @@ class Runner:
             )
             return
         self._fail_knob("health-check", f"GET {url}: HTTP 503 after 60 tries")
-        remote.health_check(self.settings, ip, sleep=self.sleep, log=self.log)
+        remote.health_check(self.settings, ip, sleep=self.sleep, log=self.log, clock=self._clock)
 
     def complete(self) -> None:
         self.enter_step("complete")

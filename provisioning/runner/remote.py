@@ -45,12 +45,13 @@ def wait_ssh(
     *,
     sleep: Callable[[float], None],
     log: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Until the port answers, then until a login works and cloud-init has finished."""
     settings.require("ssh_private_key_file")
-    deadline = time.monotonic() + settings.ssh_timeout_seconds
+    deadline = clock() + settings.ssh_timeout_seconds
     last = "no attempt yet"
-    while time.monotonic() < deadline:
+    while clock() < deadline:
         try:
             with socket.create_connection((ip, 22), timeout=5):
                 pass
@@ -157,13 +158,14 @@ def health_check(
     *,
     sleep: Callable[[float], None],
     log: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Poll `http://<ip>:<port>/healthz` until it answers 200 `{"status": "ok"}`."""
     url = f"http://{ip}:{settings.health_port}/healthz"
-    deadline = time.monotonic() + settings.health_timeout_seconds
+    deadline = clock() + settings.health_timeout_seconds
     tries, last = 0, "no attempt yet"
     with httpx.Client(timeout=5) as http:
-        while time.monotonic() < deadline:
+        while clock() < deadline:
             tries += 1
             try:
                 response = http.get(url)

@@ -17,7 +17,7 @@ from billing import retention
 from provisioning.api.oidc import LEEWAY_SECONDS
 from provisioning.models import JobEvent, UsedTokenId
 from tests.billing.conftest import load_event
-from tests.factories import JobFactory, UserFactory
+from tests.factories import JobEventFactory, JobFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -46,10 +46,7 @@ def trigger(endpoint: Any, *, valid: bool, days_old: float) -> WebhookEventTrigg
 def world(endpoint: Any, deliver: Any) -> dict[str, Any]:
     """A bit of everything: tokens, triggers of every kind and age, a processed event, history."""
     job = JobFactory()
-    dispatch = JobEvent.objects.create(
-        job=job, actor="system", action=JobEvent.Action.DISPATCH, attempt=1
-    )
-    JobEvent.objects.filter(pk=dispatch.pk).update(created_at=timezone.now() - timedelta(days=900))
+    JobEventFactory(job=job, action=JobEvent.Action.DISPATCH, backdate=timedelta(days=900))
     customer = UserFactory(username="ada")
     event = load_event("checkout.session.completed__paid", user=customer)
     assert deliver(event).status_code == 200  # a valid trigger and a dj-stripe Event, today

@@ -22,7 +22,7 @@ from django.db import connections
 from billing import services as billing_services
 from billing.webhook import webhook_url
 from provisioning import backends
-from provisioning.localdev.fake_hetzner import FakeHetzner
+from tests.fakes.hetzner import FakeHetzner
 from tests.fakes.oidc import running_issuer
 
 T = TypeVar("T")
@@ -115,7 +115,7 @@ def pipeline(live_server: Any, settings: Any, tmp_path: Path) -> Iterator[Pipeli
     settings.DISPATCH_ON_COMMIT = True
     settings.LOCAL_RUNNER_LOG_DIR = log_dir
     settings.DASHBOARD_POLL_SECONDS = 1  # the page polls every 3 s in production
-    settings.LOCAL_RUNNER_STEP_SECONDS = 1.2
+    settings.LOCAL_RUNNER_STEP_SECONDS = 0.8
     settings.LOCAL_RUNNER_HEARTBEAT_SECONDS = 0.3
     settings.LOCAL_RUNNER_EXTRA_ENV = {
         "RUNNER_HCLOUD_POLL_SECONDS": "0.1",

@@ -27,9 +27,9 @@ from django.db import close_old_connections, connection
 from provisioning import backends
 from provisioning.api import oidc
 from provisioning.backends.local import LocalBackend
-from provisioning.localdev.fake_hetzner import FakeHetzner
 from provisioning.localdev.oidc_issuer import DevOidcIssuer
 from provisioning.models import JobEvent, ProvisioningJob
+from tests.fakes.hetzner import FakeHetzner
 
 # `python -c RUNNER_SHIM run --mode ... --job-id ... --attempt N`: E2E_ATTEMPT_<N>_FAIL_STEP and
 # E2E_ATTEMPT_<N>_KILL_AT_STEP become the runner's knobs for attempt N only.
@@ -46,8 +46,8 @@ from provisioning.runner.cli import main
 raise SystemExit(main(args))
 """
 
-POLL_SECONDS = 0.2
-TICK_SECONDS = 0.3
+POLL_SECONDS = 0.05
+TICK_SECONDS = 0.15
 
 
 @dataclass
@@ -165,7 +165,7 @@ def pipeline(live_server, settings, tmp_path) -> Iterator[Pipeline]:
     settings.PROVISIONING_RUNNER = "local"
     settings.DISPATCH_ON_COMMIT = False  # the worker dispatches, as under `make run`'s worker
     settings.LOCAL_RUNNER_LOG_DIR = log_dir
-    settings.LOCAL_RUNNER_STEP_SECONDS = 0.2
+    settings.LOCAL_RUNNER_STEP_SECONDS = 0.1
     settings.LOCAL_RUNNER_HEARTBEAT_SECONDS = 0.3
     settings.LOCAL_RUNNER_FAIL_STEP = ""
     settings.LOCAL_RUNNER_KILL_AT_STEP = ""

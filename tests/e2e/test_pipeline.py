@@ -103,7 +103,7 @@ def test_configure_fails_once_then_the_retry_runs(pipeline):
 
 
 def test_runner_killed_mid_job_times_out_and_the_retry_adopts_its_vm(pipeline, settings):
-    settings.JOB_TIMEOUT_SECONDS = 3
+    settings.JOB_TIMEOUT_SECONDS = 2
     pipeline.knobs(attempt=1, kill_at="configure")
     agent = AgentFactory()
     job = services.job_enqueue(agent=agent, stripe_event_id="evt_e2e_killed")
@@ -128,7 +128,7 @@ def test_runner_killed_mid_job_times_out_and_the_retry_adopts_its_vm(pipeline, s
 def test_out_of_retries_fails_visibly_and_the_cleanup_run_deletes_the_vm(pipeline, settings):
     # Attempt 1 dies after making its VM (timed out); attempt 2 adopts that VM and fails at
     # configure, leaving it (not its own to delete). No retries left: failed, then cleanup.
-    settings.JOB_TIMEOUT_SECONDS = 3
+    settings.JOB_TIMEOUT_SECONDS = 2
     settings.MAX_RETRIES = 1
     pipeline.knobs(attempt=1, kill_at="configure")
     pipeline.knobs(attempt=2, fail_step="configure")

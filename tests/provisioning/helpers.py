@@ -9,8 +9,16 @@ from tests.factories import AgentFactory
 from tests.fakes.runner_backend import RecordingBackend
 
 
-def enqueue(agent: Agent | None = None, **kwargs: object) -> ProvisioningJob:
-    return services.job_enqueue(agent=agent or AgentFactory(), **kwargs)  # type: ignore[arg-type]
+def enqueue(
+    agent: Agent | None = None, *, max_retries: int | None = None, **kwargs: object
+) -> ProvisioningJob:
+    """A queued job. `max_retries`: made under that MAX_RETRIES, as a deploy with it would."""
+    from django.test import override_settings
+
+    if max_retries is None:
+        return services.job_enqueue(agent=agent or AgentFactory(), **kwargs)  # type: ignore[arg-type]
+    with override_settings(MAX_RETRIES=max_retries):
+        return services.job_enqueue(agent=agent or AgentFactory(), **kwargs)  # type: ignore[arg-type]
 
 
 def dispatch(job: ProvisioningJob, backend: RecordingBackend) -> Run:
@@ -22,8 +30,10 @@ def dispatch(job: ProvisioningJob, backend: RecordingBackend) -> Run:
     return Run(run_id=run_id, run_attempt=1)
 
 
-def claimed(backend: RecordingBackend, agent: Agent | None = None) -> tuple[ProvisioningJob, Run]:
-    job = enqueue(agent)
+def claimed(
+    backend: RecordingBackend, agent: Agent | None = None, *, max_retries: int | None = None
+) -> tuple[ProvisioningJob, Run]:
+    job = enqueue(agent, max_retries=max_retries)
     run = dispatch(job, backend)
     job = services.job_claim(job_id=job.pk, attempt=job.attempt, run=run)
     assert job.status == JobStatus.PROVISIONING
@@ -33,3 +43,17 @@ def claimed(backend: RecordingBackend, agent: Agent | None = None) -> tuple[Prov
 def requeue_now(job: ProvisioningJob) -> None:
     """Skip the backoff so the job is due immediately."""
     ProvisioningJob.objects.filter(pk=job.pk).update(next_attempt_at=None)
+
+
+def claimed_on_last_attempt(
+    backend: RecordingBackend, agent: Agent | None = None
+) -> tuple[ProvisioningJob, Run]:
+    """A claimed job whose earlier attempts all failed (retry_count == max_retries): its next
+    failure is final. Every attempt is failed, re-dispatched and claimed through the services."""
+    job, run = claimed(backend, agent)
+    while job.retry_count < job.max_retries:
+        services.job_fail(job_id=job.pk, run=run, error="boom", failed_step="configure")
+        requeue_now(job)
+        run = dispatch(job, backend)
+        job = services.job_claim(job_id=job.pk, attempt=job.attempt + 1, run=run)
+    return job, run

@@ -250,12 +250,14 @@ def test_a_backend_that_cannot_be_built_leaves_the_run_id_unlinked(admin_client,
 def test_agent_pages_show_jobs_inline_and_the_ended_state(admin_client):
     agent = AgentFactory(ended_at=timezone.now(), end_reason="subscription deleted")
     job = JobFactory(agent=agent, status=JobStatus.RUNNING)
+    active = AgentFactory(name="still-active")
 
     listing = admin_client.get(reverse("admin:provisioning_agent_changelist"))
     page = admin_client.get(reverse("admin:provisioning_agent_change", args=[agent.pk]))
 
     assert listing.status_code == 200
-    assert "ended" in listing.content.decode()
+    assert {a.pk for a in listing.context["cl"].result_list} == {agent.pk, active.pk}
+    assert listing.content.decode().count('class="job-badge job-ended"') == 1
     assert page.status_code == 200
     html = page.content.decode()
     assert job.short_id in html
@@ -266,12 +268,13 @@ def test_agent_pages_show_jobs_inline_and_the_ended_state(admin_client):
         ).status_code
         == 200
     )
-    assert (
-        admin_client.get(
-            reverse("admin:provisioning_agent_changelist"), {"ended": "yes"}
-        ).status_code
-        == 200
-    )
+    ended = admin_client.get(reverse("admin:provisioning_agent_changelist"), {"ended": "yes"})
+    assert ended.status_code == 200
+    assert [a.pk for a in ended.context["cl"].result_list] == [agent.pk]
+    assert "subscription deleted" in ended.content.decode()
+    assert active.name not in ended.content.decode()
+    live = admin_client.get(reverse("admin:provisioning_agent_changelist"), {"ended": "no"})
+    assert [a.pk for a in live.context["cl"].result_list] == [active.pk]
 
 
 def test_job_event_pages_render(admin_client):

@@ -110,8 +110,7 @@ def test_metrics_report_outcomes_and_the_provisioning_duration(client, backend):
     ProvisioningJob.objects.filter(pk=ok.pk).update(
         claimed_at=F("completed_at") - timedelta(seconds=400)
     )
-    bad, bad_run = claimed(backend, AgentFactory(owner=user))
-    ProvisioningJob.objects.filter(pk=bad.pk).update(max_retries=0)
+    bad, bad_run = claimed(backend, AgentFactory(owner=user), max_retries=0)
     services.job_fail(job_id=bad.pk, run=bad_run, error="boom", failed_step=Step.CONFIGURE)
 
     m = samples(client)
@@ -226,8 +225,7 @@ def test_metrics_count_overdue_unreconciled_unclaimed_and_dispatch_failing_jobs(
 
 
 def test_metrics_count_failed_provisions_owing_their_cleanup_run(client, backend):
-    job, run = claimed(backend)
-    ProvisioningJob.objects.filter(pk=job.pk).update(max_retries=0)
+    job, run = claimed(backend, max_retries=0)
     services.job_fail(job_id=job.pk, run=run, error="boom", failed_step=Step.CONFIGURE)
 
     owed = samples(client)[("provisioning_cleanup_due_jobs", ())]

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from provisioning import services
 from provisioning.backends.base import RunStatus
-from provisioning.errors import ProvisioningError
+from provisioning.errors import InvalidTransition
 from provisioning.models import Actor, JobEvent, JobStatus, ProvisioningJob, Step
 from provisioning.services import Run
 from provisioning.worker import Worker
@@ -80,8 +80,8 @@ def test_the_worker_fails_an_attempt_past_its_deadline_although_its_heartbeats_a
     assert f"{settings.JOB_DEADLINE_SECONDS}s deadline" in event.reason
     assert "heartbeats still arriving" in event.reason
     assert fake_github.cancelled == [run.run_id]  # the hung run is stopped
-    # The old run's next heartbeat is fenced out.
-    with pytest.raises(ProvisioningError):
+    # The old run's next heartbeat is refused (409): its job is queued again.
+    with pytest.raises(InvalidTransition):
         services.job_heartbeat(job_id=job.pk, run=run)
 
 

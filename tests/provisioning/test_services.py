@@ -10,6 +10,7 @@ from django.utils import timezone
 from provisioning import selectors, services
 from provisioning.errors import (
     PROVISION_IN_PROGRESS_MESSAGE,
+    AgentEnded,
     DispatchPending,
     FencedOut,
     IncompleteReport,
@@ -23,7 +24,13 @@ from provisioning.errors import (
 from provisioning.models import JobEvent, JobStatus, ProvisioningJob, Step
 from provisioning.services import Run
 from tests.factories import AgentFactory, UserFactory
-from tests.provisioning.helpers import claimed, dispatch, enqueue, requeue_now
+from tests.provisioning.helpers import (
+    claimed,
+    claimed_on_last_attempt,
+    dispatch,
+    enqueue,
+    requeue_now,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -76,8 +83,7 @@ def test_a_second_paid_order_waits_in_queued_instead_of_being_refused(backend):
 def test_reprovision_is_refused_with_the_in_progress_message_while_a_job_is_active(backend):
     user = UserFactory()
     failed_agent = AgentFactory(owner=user)
-    job, run = claimed(backend, failed_agent)
-    ProvisioningJob.objects.filter(pk=job.pk).update(max_retries=0, retry_count=0)
+    job, run = claimed(backend, failed_agent, max_retries=0)
     services.job_fail(job_id=job.pk, run=run, error="boom", failed_step=Step.CONFIGURE)
     enqueue(AgentFactory(owner=user))  # another order is queued
 
@@ -89,8 +95,7 @@ def test_reprovision_is_refused_with_the_in_progress_message_while_a_job_is_acti
 
 
 def test_reprovision_of_a_failed_agent_requeues_its_job(backend):
-    job, run = claimed(backend)
-    ProvisioningJob.objects.filter(pk=job.pk).update(max_retries=0)
+    job, run = claimed(backend, max_retries=0)
     services.job_fail(job_id=job.pk, run=run, error="boom", failed_step=Step.CONFIGURE)
 
     again = services.job_reprovision(agent=job.agent)
@@ -415,14 +420,14 @@ def test_backoff_doubles_with_each_retry(backend, settings):
 
 
 def test_fail_after_the_last_retry_fails_the_job_for_an_operator(backend):
-    job, run = claimed(backend)
-    ProvisioningJob.objects.filter(pk=job.pk).update(retry_count=3)
+    job, run = claimed_on_last_attempt(backend)
+    assert (job.retry_count, job.max_retries, job.attempt) == (3, 3, 4)
 
     failed = services.job_fail(job_id=job.pk, run=run, error="quota", failed_step="create-server")
 
-    assert (failed.status, failed.retry_count, failed.attempt) == ("failed", 3, 1)
+    assert (failed.status, failed.retry_count, failed.attempt) == ("failed", 3, 4)
     assert failed.completed_at is not None
-    assert JobEvent.objects.get(job=job, action="fail").to_status == "failed"
+    assert JobEvent.objects.filter(job=job, action="fail").last().to_status == "failed"
 
 
 def test_fail_repeated_by_the_same_run_changes_nothing(backend):
@@ -510,9 +515,9 @@ def test_the_sweep_times_out_only_stale_jobs_and_cancels_their_runs(
 
 
 def test_timeout_out_of_retries_fails_the_job(backend):
-    job, _ = claimed(backend)
+    job, _ = claimed_on_last_attempt(backend)
     ProvisioningJob.objects.filter(pk=job.pk).update(
-        retry_count=3, last_heartbeat_at=timezone.now() - timedelta(hours=1)
+        last_heartbeat_at=timezone.now() - timedelta(hours=1)
     )
 
     services.job_timeout_stale()
@@ -557,13 +562,12 @@ def test_cancel_of_a_finished_job_is_refused_and_changes_nothing(backend):
 
 
 def test_operator_retry_requeues_a_failed_job_with_fresh_retries(backend):
-    job, run = claimed(backend)
-    ProvisioningJob.objects.filter(pk=job.pk).update(retry_count=3)
+    job, run = claimed_on_last_attempt(backend)
     services.job_fail(job_id=job.pk, run=run, error="quota", failed_step="create-server")
 
     retried = services.job_retry(job_id=job.pk, actor="operator:bob")
 
-    assert (retried.status, retried.attempt, retried.retry_count) == ("queued", 2, 0)
+    assert (retried.status, retried.attempt, retried.retry_count) == ("queued", 5, 0)
     assert (retried.completed_at, retried.error, retried.failed_step) == (None, "", "")
     event = JobEvent.objects.get(job=job, action="retry")
     assert (event.actor, event.from_status, event.to_status) == ("operator:bob", "failed", "queued")
@@ -666,7 +670,7 @@ def test_a_deprovision_completes_by_clearing_the_server(backend):
 
     job.agent.refresh_from_db()
     assert (job.agent.server_id, job.agent.ipv4) == ("", None)
-    with pytest.raises(Exception, match="ended"):
+    with pytest.raises(AgentEnded):
         services.job_reprovision(agent=job.agent)
 
 

@@ -54,8 +54,7 @@ def reprovision_url(agent: Agent) -> str:
 
 def failed_job(backend, agent: Agent, *, step: str = Step.CONFIGURE) -> ProvisioningJob:
     """A job whose only attempt failed at `step`, with no retries left."""
-    job = enqueue(agent)
-    ProvisioningJob.objects.filter(pk=job.pk).update(max_retries=0)
+    job = enqueue(agent, max_retries=0)
     run = dispatch(job, backend)
     services.job_claim(job_id=job.pk, attempt=job.attempt, run=run)
     return services.job_fail(
@@ -143,22 +142,36 @@ def test_an_unknown_agent_is_not_found(customer_client):
     assert response.status_code == 404
 
 
+def job_state(agent: Agent) -> tuple[object, ...]:
+    """Everything a refused reprovision must leave alone."""
+    return (
+        list(ProvisioningJob.objects.filter(agent=agent).values()),
+        JobEvent.objects.filter(job__agent=agent).count(),
+    )
+
+
 def test_reprovision_needs_a_csrf_token(customer, agent, backend):
-    failed_job(backend, agent)
+    job = failed_job(backend, agent)
+    before = job_state(agent)
     client = Client(enforce_csrf_checks=True)
     client.force_login(customer)
 
     response = client.post(reprovision_url(agent))
 
     assert response.status_code == 403
+    assert job_state(agent) == before
+    assert ProvisioningJob.objects.get(pk=job.pk).status == JobStatus.FAILED
 
 
 def test_reprovision_is_post_only(customer_client, agent, backend):
-    failed_job(backend, agent)
+    job = failed_job(backend, agent)
+    before = job_state(agent)
 
     response = customer_client.get(reprovision_url(agent))
 
     assert response.status_code == 405
+    assert job_state(agent) == before
+    assert ProvisioningJob.objects.get(pk=job.pk).status == JobStatus.FAILED
 
 
 def test_the_header_offers_a_post_logout_form(customer_client):

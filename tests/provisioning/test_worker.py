@@ -118,12 +118,11 @@ def test_the_sweep_times_out_a_silent_job_requeues_it_and_cancels_its_run(
 
 @pytest.mark.django_db
 def test_a_failed_provision_gets_one_cleanup_run(fake_github):
-    job = enqueue(AgentFactory())
+    job = enqueue(AgentFactory(), max_retries=0)
     Worker(name="w1").tick()
     job.refresh_from_db()
     run = Run(run_id=job.workflow_run_id)
     services.job_claim(job_id=job.pk, attempt=1, run=run)
-    ProvisioningJob.objects.filter(pk=job.pk).update(max_retries=0)
     services.job_fail(job_id=job.pk, run=run, error="boom", failed_step=Step.CONFIGURE)
 
     first = Worker(name="w1").tick()

@@ -62,7 +62,7 @@ class FakeCallbackApi:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.fake = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -208,8 +208,8 @@ def runner_env(callback_api, fake_hetzner, tmp_path) -> dict[str, str]:  # noqa:
         "HCLOUD_API_ENDPOINT": fake_hetzner.url,
         "RUNNER_SSH_KEY_NAME": "provisioning-test",
         "RUNNER_SIMULATE": "1",
-        "RUNNER_STEP_SECONDS": "0.25",
-        "RUNNER_HEARTBEAT_SECONDS": "0.1",
+        "RUNNER_STEP_SECONDS": "0.1",
+        "RUNNER_HEARTBEAT_SECONDS": "0.05",
         "RUNNER_RETRY_BACKOFF_SECONDS": "0.05",
         "RUNNER_CLAIM_RETRY_SECONDS": "3",
         "RUNNER_HCLOUD_POLL_SECONDS": "0.05",

@@ -164,17 +164,6 @@ def test_a_refused_claim_stops_without_creating_or_deleting_anything(
     assert len(fake_hetzner.servers) == 1
 
 
-def test_a_pending_dispatch_is_waited_out_at_claim(runner_env, callback_api, fake_hetzner, job_id):
-    pending = (409, {"detail": "run not recorded yet", "code": "dispatch_pending"})
-    callback_api.script["claim"] = [pending, pending]
-
-    result = provision(runner_env, job_id)
-
-    assert result.returncode == 0, result.stderr
-    assert callback_api.verbs()[:3] == ["claim", "claim", "claim"]
-    assert len(fake_hetzner.servers) == 1
-
-
 def test_a_refused_heartbeat_stops_the_run_and_deletes_only_its_own_vm(
     runner_env, callback_api, fake_hetzner, job_id
 ):

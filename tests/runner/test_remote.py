@@ -11,6 +11,7 @@ import pytest
 
 from provisioning.runner import remote
 from provisioning.runner.config import Settings
+from tests.fakes.clock import FakeClock
 
 
 def settings_for(tmp_path, **env):
@@ -97,7 +98,7 @@ class _Health(BaseHTTPRequestHandler):
 @pytest.fixture
 def vm_endpoint():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     yield server
     server.shutdown()
     server.server_close()
@@ -118,11 +119,40 @@ def test_health_check_gives_up_with_the_last_answer(tmp_path, vm_endpoint):
     settings = settings_for(
         tmp_path,
         RUNNER_HEALTH_PORT=str(vm_endpoint.server_address[1]),
-        RUNNER_HEALTH_TIMEOUT_SECONDS="0.3",
+        RUNNER_HEALTH_TIMEOUT_SECONDS="30",
     )
+    clock = FakeClock()
 
-    with pytest.raises(remote.RemoteError, match="HTTP 503"):
-        remote.health_check(settings, "127.0.0.1", sleep=lambda _s: None, log=lambda _l: None)
+    with pytest.raises(remote.RemoteError, match=r"HTTP 503.* after 10 tries"):
+        remote.health_check(
+            settings, "127.0.0.1", sleep=clock.sleep, log=lambda _l: None, clock=clock.now
+        )
+
+    assert clock.sleeps == [3] * 10  # every 3 s until the 30 s are up, in no real time
+
+
+def test_wait_ssh_retries_a_closed_port_every_5s_until_its_timeout(tmp_path, monkeypatch):
+    settings = settings_for(tmp_path, RUNNER_SSH_TIMEOUT_SECONDS="60")
+    clock = FakeClock()
+
+    def refused(address, timeout):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(remote.socket, "create_connection", refused)
+
+    with pytest.raises(
+        remote.RemoteError, match=r"port 22: Connection refused \(gave up after 60s"
+    ):
+        remote.wait_ssh(
+            settings,
+            "203.0.113.9",
+            tmp_path / "known_hosts",
+            sleep=clock.sleep,
+            log=lambda _l: None,
+            clock=clock.now,
+        )
+
+    assert clock.sleeps == [5] * 12
 
 
 @pytest.mark.parametrize("name", ["\U0001d400gent", "\U00020000 bot", "café-1", "{{ 7 * 7 }}"])

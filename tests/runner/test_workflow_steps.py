@@ -90,7 +90,7 @@ def test_a_cancelled_step_is_reported_as_such(step_env, callback_api, fake_hetzn
     while "wait-ssh" not in [c.body.get("step") for c in callback_api.of("heartbeat")]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.3)  # let the step install its signal handlers and start waiting
+    # That beat is sent after the step installed its signal handlers.
     step.send_signal(2)  # SIGINT, what GitHub sends first on cancel
     step.communicate(timeout=20)
 
