@@ -72,7 +72,7 @@ class _ServiceClient:
         settings: Settings,
         *,
         log: Callable[[str], None] = lambda _msg: None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         settings.require("api_url")
         self._settings = settings
@@ -137,7 +137,7 @@ class CallbackApi(_ServiceClient):
         job_id: str,
         *,
         log: Callable[[str], None] = lambda _msg: None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(settings, log=log, sleep=sleep)
@@ -185,6 +185,10 @@ class CallbackApi(_ServiceClient):
     def fail(self, *, error: str, failed_step: str) -> dict[str, Any]:
         body = {"error": error[-4000:], "failed_step": failed_step}
         return self._post_with_retries("fail", body, tries=4)
+
+    def authorize_cleanup(self) -> dict[str, Any]:
+        """Ask whether this run may delete the job's VMs; ApiError (403/409/404) means no."""
+        return self._post_with_retries("cleanup-authorization", {}, tries=4)
 
 
 class ReaperApi(_ServiceClient):

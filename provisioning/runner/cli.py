@@ -8,7 +8,7 @@
     create-server | wait-ssh | configure | health-check | complete
     delete-servers          deprovision: delete every VM labelled with the claimed agent
     fail                    `if: failure() || cancelled()`: report and delete this attempt's VM
-    cleanup --job-id <uuid> delete every VM labelled with the job; no callbacks
+    cleanup --job-id <uuid> delete every VM labelled with the job, once the service approves
     reap                    the scheduled reaper: list our VMs, ask the service, delete its picks
 
 Exit codes: 0 done, 1 failed (reported), 2 bad configuration, 3 claim refused,
@@ -120,7 +120,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         settings.require("hcloud_token")
         return reap.run_reap(settings)
     if command in ("run", "claim", "cleanup"):
-        pipeline.preflight(settings, "cleanup" if command == "cleanup" else args.mode)
+        pipeline.preflight(
+            settings,
+            "cleanup" if command == "cleanup" else args.mode,
+            needs_cloud=command != "claim",
+        )
     if command == "run":
         # In one process the state file is optional: several local runs share a directory.
         path = str(settings.state_file) if os.environ.get("RUNNER_STATE_FILE") else None

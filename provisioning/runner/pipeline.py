@@ -226,6 +226,10 @@ class Runner:
             raise ClaimRefused(str(exc)) from exc
         if int(job.get("attempt", self.state.attempt)) != self.state.attempt:
             raise ClaimRefused(f"claim answered for attempt {job.get('attempt')}")
+        kind = job.get("kind")
+        if kind and kind != self.state.mode:
+            # Never build what should be deleted, or delete what should be built.
+            raise ClaimRefused(f"the job is a {kind} job, but this run's mode is {self.state.mode}")
         self.state.claimed = True
         self.state.region = job.get("region") or "us-east"
         agent = job.get("agent") or {}
@@ -373,7 +377,19 @@ class Runner:
         self.log("reported complete")
 
     def delete_job_servers(self) -> list[Vm]:
-        """Cleanup: remove every VM labelled with this job id (no callbacks)."""
+        """Cleanup: remove every VM labelled with this job id, once the service approves.
+
+        Only the cleanup run the service dispatched for a failed, claimed provision is approved;
+        any other run (a hand-made dispatch, a provision run) is refused and deletes nothing.
+        """
+        try:
+            answer = self.api.authorize_cleanup()
+        except ApiError as exc:
+            raise ClaimRefused(f"the service refused the cleanup: {exc}") from exc
+        expected = f"job-id={self.state.job_id}"
+        if answer.get("approved") is not True or answer.get("label_selector") != expected:
+            raise ClaimRefused(f"the service did not approve deleting {expected}: {answer}")
+        self.log(f"cleanup approved by the service for {expected}")
         deleted = self.cloud.delete_job_servers(self.state.job_id)
         for vm in deleted:
             self.log(f"deleted server {vm.name} ({vm.id}) in {vm.location}")
@@ -512,12 +528,16 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def preflight(settings: Settings, mode: str) -> None:
-    """Refuse to start (before claiming anything) when a needed setting is missing."""
-    if mode != "cleanup":
-        settings.require("api_url", "oidc_audience", "token_request_url", "token_request_token")
-    settings.require("hcloud_token")
-    if mode == "provision" and not settings.simulate:
+def preflight(settings: Settings, mode: str, *, needs_cloud: bool = True) -> None:
+    """Refuse to start (before claiming anything) when a needed setting is missing.
+
+    Every mode talks to the service (cleanup too: it asks before deleting). `needs_cloud` is
+    False for the claim step alone, which never calls Hetzner and so gets no Hetzner token.
+    """
+    settings.require("api_url", "oidc_audience", "token_request_url", "token_request_token")
+    if needs_cloud:
+        settings.require("hcloud_token")
+    if mode == "provision" and not settings.simulate and needs_cloud:
         settings.require("ssh_key_name", "ssh_private_key_file")
 
 
@@ -591,6 +611,9 @@ def run_cleanup(settings: Settings, state: RunState) -> int:
     runner = Runner(settings, state)
     try:
         runner.delete_job_servers()
+    except ClaimRefused as exc:
+        runner.log(f"{exc}; deleting nothing")
+        return EXIT_REFUSED
     except Exception as exc:
         runner.log(f"cleanup failed: {runner.failure_tail(exc)}")
         return EXIT_FAILED

@@ -43,7 +43,7 @@ def wait_ssh(
     ip: str,
     known_hosts: Path,
     *,
-    sleep: Callable[[float], None],
+    sleep: Callable[[float], object],
     log: Callable[[str], None],
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
@@ -156,7 +156,7 @@ def health_check(
     settings: Settings,
     ip: str,
     *,
-    sleep: Callable[[float], None],
+    sleep: Callable[[float], object],
     log: Callable[[str], None],
     clock: Callable[[], float] = time.monotonic,
 ) -> None:

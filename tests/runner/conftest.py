@@ -50,6 +50,7 @@ class FakeCallbackApi:
     reaper_answer: Callable[[list[dict[str, Any]]], tuple[int, dict[str, Any]]] | None = None
     script: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     refuse_heartbeats_after: int | None = None
+    kind: str | None = None  # the job kind the claim answers (None: leave it out)
     calls: list[Call] = field(default_factory=list)
     minted: list[str] = field(default_factory=list)
     token_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -105,13 +106,16 @@ class FakeCallbackApi:
                 return 409, {"detail": "job is not provisioning", "code": "fenced_out"}
             attempt = next((c.body.get("attempt") for c in self.calls if c.verb == "claim"), 1)
         if verb == "claim":
-            return 200, {
+            claimed = {
                 "id": job_id,
                 "status": "provisioning",
                 "attempt": body.get("attempt"),
                 "agent": {"id": self.agent_id, "name": "Ada's helper"},
                 "region": self.region,
             }
+            return 200, claimed | ({"kind": self.kind} if self.kind else {})
+        if verb == "cleanup-authorization":
+            return 200, {"id": job_id, "approved": True, "label_selector": f"job-id={job_id}"}
         if verb == "heartbeat":
             return 200, {"status": "provisioning"}
         if verb == "complete":

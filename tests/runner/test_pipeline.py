@@ -8,6 +8,8 @@ import sys
 import time
 import uuid
 
+import pytest
+
 from tests.runner.conftest import AUDIENCE, REPO_ROOT, REQUEST_TOKEN, run_runner
 
 
@@ -220,7 +222,56 @@ def test_cleanup_deletes_every_vm_of_the_job_and_nothing_else(
     assert result.returncode == 0, result.stderr
     assert sorted(s["id"] for s in fake_hetzner.servers) == sorted([other["id"], unmanaged["id"]])
     assert len(fake_hetzner.deleted_servers) == 2
-    assert callback_api.calls == []
+    assert callback_api.verbs() == ["cleanup-authorization"]  # asked first, with its own token
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        (403, {"detail": "Run 1 was never dispatched for job x.", "code": "wrong_run"}),
+        (
+            409,
+            {
+                "detail": "Job x may not be cleaned up: it is running.",
+                "code": "cleanup_not_allowed",
+            },
+        ),
+    ],
+    ids=["not-its-cleanup-run", "job-not-failed"],
+)
+def test_a_cleanup_the_service_refuses_deletes_nothing(
+    runner_env, callback_api, fake_hetzner, job_id, refusal
+):
+    fake_hetzner.add_server(name=f"agent-{job_id}", labels=job_labels(job_id, 1))
+    callback_api.script["cleanup-authorization"] = [refusal]
+
+    result = run_runner(
+        runner_env, "run", "--mode", "cleanup", "--job-id", job_id, "--attempt", "1"
+    )
+
+    assert result.returncode == 3, result.stderr  # refused
+    assert len(fake_hetzner.servers) == 1
+    assert fake_hetzner.deleted_servers == []
+    assert "deleting nothing" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind"), [("provision", "deprovision"), ("deprovision", "provision")]
+)
+def test_a_run_whose_mode_is_not_the_jobs_kind_stops_at_claim(
+    runner_env, callback_api, fake_hetzner, job_id, mode, kind
+):
+    fake_hetzner.add_server(
+        name="agent-keep",
+        labels={"managed-by": "agent-provisioning", "agent-id": callback_api.agent_id},
+    )
+    callback_api.kind = kind
+
+    result = run_runner(runner_env, "run", "--mode", mode, "--job-id", job_id, "--attempt", "1")
+
+    assert result.returncode == 3, result.stderr  # refused
+    assert callback_api.verbs() == ["claim"]
+    assert len(fake_hetzner.servers) == 1 and fake_hetzner.deleted_servers == []
 
 
 def deprovision(env, job_id, attempt=1, **extra_env):

@@ -217,8 +217,6 @@ def test_the_pip_cache_is_keyed_on_the_locks():
 
 # -- HCLOUD_TOKEN ----------------------------------------------------------------------------
 HETZNER_STEPS = {
-    # claim: see test_claim_is_handed_the_token_only_because_its_preflight_requires_it.
-    ("provision", "claim"),
     ("provision", "create-server"),
     ("provision", "delete-servers"),
     ("provision", "cleanup"),
@@ -250,10 +248,7 @@ def test_no_job_or_workflow_env_carries_the_hetzner_token():
         assert "secrets." not in str(job.get("env", {})), name
 
 
-def test_claim_is_handed_the_token_only_because_its_preflight_requires_it():
-    # `claim` makes no Hetzner call; it gets the token because preflight refuses to claim a job
-    # that this run could not then build or delete. If preflight stops asking, drop the token
-    # from the claim step (and from HETZNER_STEPS).
+def test_the_claim_step_needs_no_hetzner_token_and_the_others_still_do():
     settings = Settings.from_env(
         {
             "PROVISIONING_API_URL": "http://127.0.0.1:9",
@@ -265,5 +260,6 @@ def test_claim_is_handed_the_token_only_because_its_preflight_requires_it():
     )
 
     for mode in ("provision", "deprovision"):
+        pipeline.preflight(settings, mode, needs_cloud=False)  # the claim step: no token, fine
         with pytest.raises(ConfigError, match="HCLOUD_TOKEN"):
             pipeline.preflight(settings, mode)
