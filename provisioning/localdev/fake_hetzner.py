@@ -4,11 +4,25 @@ It speaks the wire format `hcloud` 2.27 reads (`/v1/servers`, `/v1/actions/<id>`
 server type, location and image listings), keeps everything in memory behind one lock, and
 behaves like the real API where the runner depends on it:
 
+- errors are `{"error": {"code", "message", "details"}}` with Hetzner's HTTP statuses:
+  `invalid_input` 400, `unauthorized` 401, `resource_limit_exceeded` and `resource_unavailable`
+  403, `not_found` 404, `uniqueness_error` 409, `locked` 423, `rate_limit_exceeded` 429;
 - server names are unique per project: a second create answers 409 `uniqueness_error`;
+- server types are sold per location (`server_types[].locations`, each with its own
+  `deprecation`): a create in a location the type is not sold in (or no longer sold in) answers
+  400 `invalid_input`, as does an SSH key name the project does not have;
+- the project has a server limit (`server_limit`): a create beyond it answers 403
+  `resource_limit_exceeded`;
 - `label_selector` filters lists (`k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)`, `k notin (a)`);
 - actions run for `action_seconds` (0: they finish at once), the server is `initializing`
-  until its create action finishes and `running` afterwards;
-- every request needs `Authorization: Bearer <token>` (any token, or exactly `token=` if given).
+  until its create action finishes and `running` afterwards; while an action on a server runs,
+  deleting it answers 423 `locked`;
+- every answer carries `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`; the
+  budget (`rate_limit` requests, one more each `rate_refill_seconds`) spent, 429
+  `rate_limit_exceeded`;
+- every request needs `Authorization: Bearer <token>` (any token, or exactly `token=` if given);
+- with `state_file`, servers, actions and the address counter are kept in that JSON file, so a
+  restart forgets nothing; an IPv4 address is never handed out twice.
 
 Use it in-process as a context manager::
 
@@ -25,8 +39,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import itertools
 import json
+import math
+import os
 import re
 import signal
 import sys
@@ -34,6 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -93,6 +109,12 @@ LOCATIONS: dict[str, dict[str, Any]] = {
         "network_zone": "ap-southeast",
     },
 }
+# Server types are sold per location. The first-generation CPX and second-generation CX types
+# were deprecated in every location and can no longer be ordered; the current ones are sold where
+# listed: CX (gen 3) in Europe only, CPX (gen 2) everywhere, CAX (Arm) in Europe only.
+_EU = ("fsn1", "nbg1", "hel1")
+_EVERYWHERE = (*_EU, "ash", "hil", "sin")
+_GONE = {"announced": "2025-10-16T06:00:00Z", "unavailable_after": "2026-01-01T00:00:00Z"}
 SERVER_TYPES: dict[str, dict[str, Any]] = {
     "cpx11": {
         "id": 22,
@@ -101,6 +123,9 @@ SERVER_TYPES: dict[str, dict[str, Any]] = {
         "disk": 40,
         "cpu_type": "shared",
         "architecture": "x86",
+        "category": "regular_purpose",
+        "locations": _EVERYWHERE,
+        "deprecation": _GONE,
     },
     "cpx21": {
         "id": 23,
@@ -109,14 +134,9 @@ SERVER_TYPES: dict[str, dict[str, Any]] = {
         "disk": 80,
         "cpu_type": "shared",
         "architecture": "x86",
-    },
-    "cpx31": {
-        "id": 24,
-        "cores": 4,
-        "memory": 8.0,
-        "disk": 160,
-        "cpu_type": "shared",
-        "architecture": "x86",
+        "category": "regular_purpose",
+        "locations": _EVERYWHERE,
+        "deprecation": _GONE,
     },
     "cx22": {
         "id": 104,
@@ -125,6 +145,42 @@ SERVER_TYPES: dict[str, dict[str, Any]] = {
         "disk": 40,
         "cpu_type": "shared",
         "architecture": "x86",
+        "category": "cost_optimized",
+        "locations": _EU,
+        "deprecation": _GONE,
+    },
+    "cx23": {
+        "id": 114,
+        "cores": 2,
+        "memory": 4.0,
+        "disk": 40,
+        "cpu_type": "shared",
+        "architecture": "x86",
+        "category": "cost_optimized",
+        "locations": _EU,
+        "deprecation": None,
+    },
+    "cpx22": {
+        "id": 118,
+        "cores": 2,
+        "memory": 4.0,
+        "disk": 80,
+        "cpu_type": "shared",
+        "architecture": "x86",
+        "category": "regular_purpose",
+        "locations": _EVERYWHERE,
+        "deprecation": None,
+    },
+    "cpx32": {
+        "id": 119,
+        "cores": 4,
+        "memory": 8.0,
+        "disk": 160,
+        "cpu_type": "shared",
+        "architecture": "x86",
+        "category": "regular_purpose",
+        "locations": _EVERYWHERE,
+        "deprecation": None,
     },
     "cax11": {
         "id": 45,
@@ -133,6 +189,9 @@ SERVER_TYPES: dict[str, dict[str, Any]] = {
         "disk": 40,
         "cpu_type": "shared",
         "architecture": "arm",
+        "category": "cost_optimized",
+        "locations": _EU,
+        "deprecation": None,
     },
 }
 IMAGES: dict[str, dict[str, Any]] = {
@@ -190,8 +249,12 @@ class _Action:
     done_at: float  # time.monotonic() at which it finishes
     fails_with: str | None = None
 
+    @property
+    def running(self) -> bool:
+        return time.monotonic() < self.done_at
+
     def as_json(self) -> dict[str, Any]:
-        finished = time.monotonic() >= self.done_at
+        finished = not self.running
         status = "running"
         error = None
         if finished:
@@ -229,6 +292,10 @@ class _State:
     requests: list[dict[str, Any]] = field(default_factory=list)
     faults: list[_Fault] = field(default_factory=list)
     unavailable: set[tuple[str, str | None]] = field(default_factory=set)
+    # (server type, location) no longer sold; True: the listing still shows it (lagging)
+    withdrawn: dict[tuple[str, str], bool] = field(default_factory=dict)
+    next_id: int = 1000001
+    next_ip: int = 10  # addresses are counted up and never reused
 
 
 def _parse_label_selector(selector: str) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -301,14 +368,26 @@ class FakeHetzner:
         token: str | None = None,
         action_seconds: float = 0.0,
         verbose: bool = False,
+        ssh_keys: tuple[str, ...] = ("agent-provisioning-local",),
+        server_limit: int = 100,
+        rate_limit: int = 3600,
+        rate_refill_seconds: float = 1.0,
+        state_file: str | Path | None = None,
     ) -> None:
         self._lock = threading.RLock()
         self._state = _State()
-        self._ids = itertools.count(1000001)
-        self._ip_suffix = itertools.count(10)
         self.token = token
         self.action_seconds = action_seconds
         self.verbose = verbose
+        self.ssh_keys = set(ssh_keys)
+        self.server_limit = server_limit
+        self.rate_limit = rate_limit
+        self.rate_refill_seconds = rate_refill_seconds
+        self._rate_remaining = float(rate_limit)
+        self._rate_at = time.monotonic()
+        self.state_file = Path(state_file) if state_file else None
+        if self.state_file is not None:
+            self._load()
         self._httpd = _Server((host, port), self)
         self._thread: threading.Thread | None = None
 
@@ -372,7 +451,7 @@ class FakeHetzner:
         with self._lock:
             server = self._new_server(
                 name=name,
-                server_type="cpx11",
+                server_type="cpx22",
                 image="ubuntu-24.04",
                 location=location,
                 labels=labels or {},
@@ -380,6 +459,7 @@ class FakeHetzner:
             )
             if created is not None:
                 server["created"] = _iso(created.astimezone(dt.UTC))
+            self._save()
             return self._server_json(server)
 
     def fail_next(
@@ -403,6 +483,97 @@ class FakeHetzner:
         with self._lock:
             self._state.unavailable.add((location, server_type))
 
+    def stop_selling(self, server_type: str, location: str, *, still_listed: bool = False) -> None:
+        """`server_type` is no longer sold in `location`: creates there answer `invalid_input`.
+        `still_listed`: the server type listing has not caught up yet and still names it."""
+        with self._lock:
+            self._state.withdrawn[(server_type, location)] = still_listed
+
+    def add_ssh_key(self, name: str) -> None:
+        with self._lock:
+            self.ssh_keys.add(name)
+
+    # -- persistence -----------------------------------------------------------------------
+    def _save(self) -> None:
+        """Write what a restart must remember (called under the lock after every change)."""
+        if self.state_file is None:
+            return
+        state = self._state
+        data = {
+            "servers": list(state.servers.values()),
+            "actions": [
+                {
+                    "id": a.id,
+                    "command": a.command,
+                    "resource_id": a.resource_id,
+                    "started": _iso(a.started),
+                    "fails_with": a.fails_with,
+                }
+                for a in state.actions.values()
+            ],
+            "create_action": {str(k): v for k, v in state.create_action.items()},
+            "deleted": state.deleted,
+            "next_id": state.next_id,
+            "next_ip": state.next_ip,
+        }
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.state_file)
+
+    def _load(self) -> None:
+        if self.state_file is None or not self.state_file.exists():
+            return
+        data = json.loads(self.state_file.read_text())
+        state = self._state
+        state.servers = {int(s["id"]): s for s in data.get("servers", [])}
+        for raw in data.get("actions", []):
+            started = dt.datetime.fromisoformat(str(raw["started"]).replace("Z", "+00:00"))
+            # Whatever ran before the restart has finished by now.
+            state.actions[int(raw["id"])] = _Action(
+                id=int(raw["id"]),
+                command=raw["command"],
+                resource_id=int(raw["resource_id"]),
+                started=started,
+                done_at=0.0,
+                fails_with=raw.get("fails_with"),
+            )
+        state.create_action = {int(k): int(v) for k, v in data.get("create_action", {}).items()}
+        state.deleted = list(data.get("deleted", []))
+        state.next_id = int(data.get("next_id", state.next_id))
+        state.next_ip = int(data.get("next_ip", state.next_ip))
+
+    def _new_id(self) -> int:
+        new = self._state.next_id
+        self._state.next_id += 1
+        return new
+
+    # -- rate limit ------------------------------------------------------------------------
+    def rate_headers(self) -> dict[str, str]:
+        """RateLimit-* as Hetzner sends them: the budget, what is left, when it is full again."""
+        with self._lock:
+            self._refill()
+            missing = self.rate_limit - self._rate_remaining
+            full_at = time.time() + missing * self.rate_refill_seconds
+            return {
+                "RateLimit-Limit": str(self.rate_limit),
+                "RateLimit-Remaining": str(int(self._rate_remaining)),
+                "RateLimit-Reset": str(math.ceil(full_at)),
+            }
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        if self.rate_refill_seconds > 0:
+            gained = (now - self._rate_at) / self.rate_refill_seconds
+            self._rate_remaining = min(float(self.rate_limit), self._rate_remaining + gained)
+        self._rate_at = now
+
+    def _spend_rate(self) -> None:
+        self._refill()
+        if self._rate_remaining < 1:
+            raise ApiError(429, "rate_limit_exceeded", "limit of requests per hour reached")
+        self._rate_remaining -= 1
+
     # -- the API ---------------------------------------------------------------------------
     def handle(
         self, method: str, path: str, query: dict[str, list[str]], body: Any
@@ -411,13 +582,17 @@ class FakeHetzner:
             self._state.requests.append(
                 {"method": method, "path": path, "query": query, "body": body}
             )
+            self._spend_rate()
             for fault in self._state.faults:
                 if fault.method == method and path.startswith(fault.path_prefix):
                     fault.times -= 1
                     if fault.times <= 0:
                         self._state.faults.remove(fault)
                     raise ApiError(fault.status, fault.code, fault.message)
-            return self._route(method, path, query, body)
+            answer = self._route(method, path, query, body)
+            if method != "GET":
+                self._save()
+            return answer
 
     def _route(
         self, method: str, path: str, query: dict[str, list[str]], body: Any
@@ -437,6 +612,10 @@ class FakeHetzner:
             if method == "GET":
                 return 200, {"server": self._server_json(server)}
             if method == "DELETE":
+                if any(a.running and a.resource_id == server["id"] for a in self._running()):
+                    raise ApiError(
+                        423, "locked", f"server {server['id']} is locked by a running action"
+                    )
                 return 200, {"action": self._delete_server(server).as_json()}
         if len(parts) == 2 and parts[0] == "actions" and parts[1].isdigit():
             action = self._state.actions.get(int(parts[1]))
@@ -449,6 +628,7 @@ class FakeHetzner:
             return 200, self._page("actions", found, query)
         if parts == ["server_types"] and method == "GET":
             items = [self._server_type_json(n) for n in SERVER_TYPES]
+            items = [i for i in items if i["locations"]]  # withdrawn everywhere: gone
             return 200, self._page("server_types", self._by_name(items, query), query)
         if parts == ["locations"] and method == "GET":
             items = [self._location_json(n) for n in LOCATIONS]
@@ -524,16 +704,38 @@ class FakeHetzner:
             for k, v in labels.items()
         ):
             problems.append({"name": "labels", "messages": ["invalid label"]})
+        if not isinstance(ssh_keys, list) or not all(
+            isinstance(k, str | int) and (str(k) in self.ssh_keys) for k in ssh_keys
+        ):
+            problems.append({"name": "ssh_keys", "messages": ["ssh key not found"]})
         if problems:
-            raise ApiError(422, "invalid_input", "invalid input", {"fields": problems})
+            raise ApiError(400, "invalid_input", "invalid input", {"fields": problems})
+        if not self._sold(server_type, location):
+            raise ApiError(
+                400,
+                "invalid_input",
+                "unsupported location for server type",
+                {
+                    "fields": [
+                        {"name": "location", "messages": ["unsupported location for server type"]}
+                    ]
+                },
+            )
         if (location, None) in self._state.unavailable or (
             location,
             server_type,
         ) in self._state.unavailable:
             raise ApiError(
-                412,
+                403,
                 "resource_unavailable",
                 f"server type {server_type} is currently unavailable in {location}",
+            )
+        if len(self._state.servers) >= self.server_limit:
+            raise ApiError(
+                403,
+                "resource_limit_exceeded",
+                f"server limit of {self.server_limit} exceeded for this project",
+                {"limits": [{"name": "server_limit"}]},
             )
         if any(s["name"] == name for s in self._state.servers.values()):
             raise ApiError(
@@ -559,9 +761,24 @@ class FakeHetzner:
             "root_password": None if ssh_keys else "generated-root-password",
         }
 
+    def _running(self) -> list[_Action]:
+        return [a for a in self._state.actions.values() if a.running]
+
+    def _sold(self, server_type: str, location: str) -> bool:
+        """Whether `server_type` can be ordered in `location` now (listed, not withdrawn, not
+        past its deprecation's `unavailable_after`)."""
+        spec = SERVER_TYPES[server_type]
+        if location not in spec["locations"] or (server_type, location) in self._state.withdrawn:
+            return False
+        deprecation = spec["deprecation"]
+        if deprecation is None:
+            return True
+        ends = dt.datetime.fromisoformat(deprecation["unavailable_after"].replace("Z", "+00:00"))
+        return _now() < ends
+
     def _new_action(self, command: str, resource_id: int) -> _Action:
         action = _Action(
-            id=next(self._ids),
+            id=self._new_id(),
             command=command,
             resource_id=resource_id,
             started=_now(),
@@ -580,8 +797,9 @@ class FakeHetzner:
         labels: dict[str, str],
         ssh_keys: list[Any],
     ) -> dict[str, Any]:
-        server_id = next(self._ids)
-        suffix = next(self._ip_suffix)
+        server_id = self._new_id()
+        suffix = self._state.next_ip
+        self._state.next_ip += 1
         server = {
             "id": server_id,
             "name": name,
@@ -653,16 +871,32 @@ class FakeHetzner:
             "x_fake_ssh_keys": list(server["ssh_keys"]),
         }
 
-    @staticmethod
-    def _server_type_json(name: str) -> dict[str, Any]:
+    def _server_type_json(self, name: str) -> dict[str, Any]:
         spec = SERVER_TYPES[name]
+        listed = [
+            loc
+            for loc in spec["locations"]
+            if self._state.withdrawn.get((name, loc), True)  # absent, or withdrawn but listed
+        ]
         return {
+            **{k: v for k, v in spec.items() if k not in ("locations", "deprecation")},
             "name": name,
             "description": name.upper(),
             "storage_type": "local",
             "prices": [],
-            "deprecation": None,
-            **spec,
+            # The type-wide field is kept for older clients; the per-location one is current.
+            "deprecation": spec["deprecation"],
+            "locations": [
+                {
+                    "id": LOCATIONS[loc]["id"],
+                    "name": loc,
+                    "deprecation": spec["deprecation"],
+                    "available": (loc, None) not in self._state.unavailable
+                    and (loc, name) not in self._state.unavailable,
+                    "recommended": spec["deprecation"] is None,
+                }
+                for loc in listed
+            ],
         }
 
     @staticmethod
@@ -720,6 +954,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Correlation-Id", f"fake-{time.monotonic_ns():x}")
+        for header, value in fake.rate_headers().items():
+            self.send_header(header, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -749,6 +985,16 @@ def main(argv: list[str] | None = None) -> int:
         "--action-seconds", type=float, default=1.0, help="how long each action runs"
     )
     parser.add_argument("--verbose", action="store_true", help="log every request")
+    parser.add_argument(
+        "--state-file", default=None, help="keep servers in this JSON file across restarts"
+    )
+    parser.add_argument(
+        "--ssh-key",
+        action="append",
+        default=[],
+        help="an SSH key name the project has (repeatable; agent-provisioning-local always)",
+    )
+    parser.add_argument("--server-limit", type=int, default=100, help="the project's limit")
     args = parser.parse_args(argv)
     fake = FakeHetzner(
         host=args.host,
@@ -756,6 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
         token=args.token,
         action_seconds=args.action_seconds,
         verbose=args.verbose,
+        ssh_keys=("agent-provisioning-local", *args.ssh_key),
+        server_limit=args.server_limit,
+        state_file=args.state_file,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

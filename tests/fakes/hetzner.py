@@ -31,5 +31,7 @@ class FakeHetzner(localdev.FakeHetzner):
 
 @pytest.fixture
 def fake_hetzner() -> Iterator[FakeHetzner]:
-    with FakeHetzner(action_seconds=0.0) as fake:
+    with FakeHetzner(
+        action_seconds=0.0, ssh_keys=("agent-provisioning-local", "provisioning-test", "k")
+    ) as fake:
         yield fake

@@ -207,6 +207,9 @@ class Command(BaseCommand):
                     str(hetzner_port),
                     "--action-seconds",
                     str(options["hetzner_action_seconds"]),
+                    # A restart of `make run` keeps the VMs the agents in the database point at.
+                    "--state-file",
+                    str(Path(settings.BASE_DIR) / "var" / "fake-hetzner.json"),
                 ],
                 port=hetzner_port,
             ),
