@@ -182,8 +182,12 @@ class CallbackApi(_ServiceClient):
             body["server_name"] = server_name
         return self._post_with_retries("complete", body, tries=6)
 
-    def fail(self, *, error: str, failed_step: str) -> dict[str, Any]:
-        body = {"error": error[-4000:], "failed_step": failed_step}
+    def fail(self, *, error: str, failed_step: str, capacity: bool = False) -> dict[str, Any]:
+        """`capacity`: Hetzner's server limit stopped the build, not a fault of this job; the
+        service requeues it without spending a retry and holds new builds back."""
+        body: dict[str, Any] = {"error": error[-4000:], "failed_step": failed_step}
+        if capacity:
+            body["capacity"] = True
         return self._post_with_retries("fail", body, tries=4)
 
     def authorize_cleanup(self) -> dict[str, Any]:

@@ -246,7 +246,12 @@ def _heartbeat_loop(settings: Settings) -> int:
     def read() -> tuple[str, int, bool]:
         try:
             current = RunState.load(settings.state_file)
-        except (StateMissing, ValueError):
+        except StateMissing:
+            # The run's workspace is gone (the job ended, the runner was recycled): nobody is
+            # working on the job any more, so beating on would only keep a dead attempt alive.
+            log(f"state file {settings.state_file} is gone, stopping")
+            return state.step, state.progress, True
+        except ValueError:
             return state.step, state.progress, False
         done = current.complete_sent or current.failure_reported or not current.claimed
         return current.step, current.progress, done

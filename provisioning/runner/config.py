@@ -6,6 +6,7 @@ settings and simulated runs work without SSH keys.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -21,6 +22,16 @@ REGION_LOCATIONS: dict[str, tuple[str, ...]] = {
     "us-west": ("hil",),
     "eu-central": ("fsn1", "nbg1", "hel1"),
     "ap-southeast": ("sin",),
+}
+
+# The server type each region builds, unless RUNNER_SERVER_TYPES says otherwise. Hetzner sells
+# server types per location: the cost-optimized CX line only in Europe, the regular CPX line
+# everywhere. The create step checks the choice against Hetzner's listing before ordering.
+DEFAULT_SERVER_TYPES: dict[str, str] = {
+    "us-east": "cpx22",
+    "us-west": "cpx22",
+    "eu-central": "cx23",
+    "ap-southeast": "cpx22",
 }
 
 MANAGED_BY = "agent-provisioning"
@@ -51,6 +62,50 @@ def _step(env: Mapping[str, str], name: str) -> str | None:
     return raw or None
 
 
+def _server_types(env: Mapping[str, str]) -> dict[str, str]:
+    """DEFAULT_SERVER_TYPES with RUNNER_SERVER_TYPES laid over it: a JSON object or
+    `region=type,region=type`; regions it does not name keep their default."""
+    if (env.get("RUNNER_SERVER_TYPE") or "").strip():
+        # One type for every region cannot work once types are sold per location: say so
+        # rather than silently ignore the old variable.
+        raise ConfigError(
+            "RUNNER_SERVER_TYPE is no longer read: set RUNNER_SERVER_TYPES "
+            "(region=type,…), e.g. eu-central=cx23,us-east=cpx22"
+        )
+    raw = (env.get("RUNNER_SERVER_TYPES") or "").strip()
+    chosen = dict(DEFAULT_SERVER_TYPES)
+    if not raw:
+        return chosen
+    pairs: list[tuple[object, object]]
+    if raw.startswith("{"):
+        try:
+            parsed = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"RUNNER_SERVER_TYPES is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise ConfigError("RUNNER_SERVER_TYPES must be a JSON object of region: type")
+        pairs = list(parsed.items())
+    else:
+        pairs = []
+        for item in (part.strip() for part in raw.split(",")):
+            if not item:
+                continue
+            region, sep, server_type = item.partition("=")
+            if not sep:
+                raise ConfigError(f"RUNNER_SERVER_TYPES: {item!r} is not region=type")
+            pairs.append((region.strip(), server_type.strip()))
+    for region, server_type in pairs:
+        if region not in REGION_LOCATIONS:
+            raise ConfigError(
+                f"RUNNER_SERVER_TYPES names unknown region {region!r} "
+                f"(known: {', '.join(REGION_LOCATIONS)})"
+            )
+        if not isinstance(server_type, str) or not server_type:
+            raise ConfigError(f"RUNNER_SERVER_TYPES: region {region} needs a server type name")
+        chosen[region] = server_type
+    return chosen
+
+
 def _default_state_file(env: Mapping[str, str]) -> Path:
     if env.get("RUNNER_TEMP"):
         return Path(env["RUNNER_TEMP"]) / "provision-state.json"
@@ -67,7 +122,7 @@ class Settings:
     # Hetzner
     hcloud_token: str
     hcloud_endpoint: str | None
-    server_type: str
+    server_types: dict[str, str]  # region -> Hetzner server type name
     image: str
     ssh_key_name: str | None
     hcloud_poll_seconds: float
@@ -111,7 +166,7 @@ class Settings:
             token_request_token=env.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN", ""),
             hcloud_token=env.get("HCLOUD_TOKEN", ""),
             hcloud_endpoint=env.get("HCLOUD_API_ENDPOINT") or None,
-            server_type=env.get("RUNNER_SERVER_TYPE") or "cpx11",
+            server_types=_server_types(env),
             image=env.get("RUNNER_IMAGE") or "ubuntu-24.04",
             ssh_key_name=env.get("RUNNER_SSH_KEY_NAME") or None,
             hcloud_poll_seconds=_float(env, "RUNNER_HCLOUD_POLL_SECONDS", 1.0),

@@ -5,6 +5,10 @@ Every VM the runner makes is named `agent-<job id>` and labelled `managed-by`, `
 deprovision run finds every VM of an agent (whichever job or attempt made it), the reaper finds
 all of ours, and a second create of the same name fails with `uniqueness_error` instead of
 making a twin.
+
+Server types are sold per location: before ordering, the create step asks Hetzner where the
+region's type (RUNNER_SERVER_TYPES) can be ordered and refuses, creating nothing, when no
+location of the region sells it or it is deprecated there.
 """
 
 from __future__ import annotations
@@ -27,8 +31,14 @@ from .config import MANAGED_BY, REGION_LOCATIONS, ConfigError, Settings
 # Hetzner label values: up to 63 chars of [A-Za-z0-9-_.], starting and ending alphanumeric.
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
-# Codes Hetzner uses when a location cannot take this server type right now.
-_TRY_NEXT_LOCATION = {"resource_unavailable", "placement_error", "server_type_unavailable"}
+# Codes Hetzner uses when a location cannot take this server type right now. A type not sold in
+# a location is an `invalid_input` naming the location (see _location_refused).
+_TRY_NEXT_LOCATION = {"resource_unavailable", "placement_error"}
+
+# A delete answered `locked` (an action on the server still runs, e.g. its create): hcloud does
+# not retry that itself, so the runner waits and retries, doubling the pause up to the cap.
+LOCKED_RETRY_SECONDS = 300.0
+LOCKED_BACKOFF_CAP_SECONDS = 15.0
 
 
 class _Endpoint(TypedDict, total=False):
@@ -37,6 +47,23 @@ class _Endpoint(TypedDict, total=False):
 
 class CloudError(Exception):
     """Hetzner refused or failed in a way the runner cannot work around."""
+
+
+class CapacityExhausted(CloudError):
+    """The Hetzner project is at its server limit (`resource_limit_exceeded`): no location can
+    help, and nothing is wrong with the job; the service waits for a VM to be freed."""
+
+
+def _location_refused(exc: APIException) -> bool:
+    """Whether this create refusal is about the location, so the next location may accept."""
+    if exc.code in _TRY_NEXT_LOCATION:
+        return True
+    if exc.code != "invalid_input":
+        return False
+    details = exc.details if isinstance(exc.details, dict) else {}
+    fields = details.get("fields") or []
+    names = {f.get("name") for f in fields if isinstance(f, dict)}
+    return bool(names & {"location", "server_type"}) or "location" in str(exc.message).lower()
 
 
 @dataclass(frozen=True)
@@ -154,9 +181,7 @@ class Cloud:
         if existing is not None:
             return existing, existing.labels.get("attempt") == str(attempt)
 
-        locations = REGION_LOCATIONS.get(region)
-        if not locations:
-            raise ConfigError(f"no Hetzner location for region {region!r}")
+        server_type, locations = self.placement(region)
         key_name = self._settings.ssh_key_name
         if not key_name:
             if not self._settings.simulate:
@@ -177,7 +202,7 @@ class Cloud:
             try:
                 response = self._client.servers.create(
                     name=server_name(job_id),
-                    server_type=ServerType(name=self._settings.server_type),
+                    server_type=ServerType(name=server_type),
                     image=Image(name=self._settings.image),
                     location=Location(name=location),
                     ssh_keys=[SSHKey(name=key_name)],
@@ -191,7 +216,11 @@ class Cloud:
                             f"server name {server_name(job_id)} is taken but no server has it"
                         ) from exc
                     return adopted, adopted.labels.get("attempt") == str(attempt)
-                if exc.code in _TRY_NEXT_LOCATION:
+                if exc.code == "resource_limit_exceeded":
+                    raise CapacityExhausted(
+                        f"create server in {location}: {exc.code}: {exc.message}"
+                    ) from exc
+                if _location_refused(exc):
                     refusals.append(f"{location}: {exc.code}: {exc.message}")
                     continue
                 raise CloudError(f"create server in {location}: {exc.code}: {exc.message}") from exc
@@ -202,9 +231,49 @@ class Cloud:
                 action.wait_until_finished()
             return vm, True
         raise CloudError(
-            f"no location in region {region} can take a {self._settings.server_type}: "
-            + "; ".join(refusals)
+            f"no location in region {region} can take a {server_type}: " + "; ".join(refusals)
         )
+
+    def placement(self, region: str) -> tuple[str, tuple[str, ...]]:
+        """The region's server type and the locations, in the region's order, that sell it now
+        without a deprecation. Raises (creating nothing) when there is none."""
+        locations = REGION_LOCATIONS.get(region)
+        if not locations:
+            raise ConfigError(f"no Hetzner location for region {region!r}")
+        server_type = self._settings.server_types.get(region)
+        if not server_type:
+            raise ConfigError(f"no server type for region {region!r} (RUNNER_SERVER_TYPES)")
+        found = self._client.server_types.get_by_name(server_type)
+        if found is None:
+            raise CloudError(
+                f"server type {server_type} for region {region} does not exist at Hetzner; "
+                "choose another with RUNNER_SERVER_TYPES"
+            )
+        offered = {
+            entry.location.name: entry
+            for entry in found.locations or []
+            if entry.location is not None and entry.location.name
+        }
+        usable: list[str] = []
+        refusals: list[str] = []
+        for location in locations:
+            entry = offered.get(location)
+            if entry is None:
+                refusals.append(f"{location}: not sold there")
+            elif entry.deprecation is not None:
+                until = entry.deprecation.unavailable_after
+                refusals.append(
+                    f"{location}: deprecated"
+                    + (f" (unavailable after {until:%Y-%m-%d})" if until is not None else "")
+                )
+            else:
+                usable.append(location)
+        if not usable:
+            raise CloudError(
+                f"server type {server_type} cannot be ordered in region {region} "
+                f"({'; '.join(refusals)}); choose another with RUNNER_SERVER_TYPES"
+            )
+        return server_type, tuple(usable)
 
     def _adoptable(self, job_id: str) -> Vm | None:
         servers = self.find_job_servers(job_id)
@@ -238,15 +307,22 @@ class Cloud:
     # -- delete ---------------------------------------------------------------------------
     def delete(self, server_id: str) -> bool:
         """Delete one server and wait; False if it was already gone."""
-        try:
-            server = self._client.servers.get_by_id(int(server_id))
-            action = self._client.servers.delete(server)
-        except APIException as exc:
-            if exc.code == "not_found":
-                return False
-            raise
-        action.wait_until_finished()
-        return True
+        deadline = self._clock() + LOCKED_RETRY_SECONDS
+        pause = max(self._settings.hcloud_poll_seconds, 0.05)
+        while True:
+            try:
+                server = self._client.servers.get_by_id(int(server_id))
+                action = self._client.servers.delete(server)
+            except APIException as exc:
+                if exc.code == "not_found":
+                    return False
+                if exc.code == "locked" and self._clock() + pause <= deadline:
+                    self._sleep(pause)
+                    pause = min(pause * 2, LOCKED_BACKOFF_CAP_SECONDS)
+                    continue
+                raise
+            action.wait_until_finished()
+            return True
 
     def delete_job_servers(self, job_id: str) -> list[Vm]:
         """Delete every VM labelled with this job; returns what was deleted."""

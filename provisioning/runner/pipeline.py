@@ -37,7 +37,7 @@ from types import FrameType
 from . import remote
 from .api import ApiError, ApiUnavailable, CallbackApi
 from .config import ConfigError, Settings, private_temp_dir
-from .hetzner import Cloud, Vm
+from .hetzner import CapacityExhausted, Cloud, Vm
 from .state import RunState
 
 EXIT_OK = 0
@@ -247,13 +247,18 @@ class Runner:
             self.state.set_progress(30)
             self.log(f"created server {vm.name} ({vm.id}) in {vm.location}")
 
-        vm, ours = self.cloud.find_or_create(
-            job_id=self.state.job_id,
-            attempt=self.state.attempt,
-            region=self.state.region or "us-east",
-            agent_id=str((self.state.agent or {}).get("id") or ""),
-            on_created=record,
-        )
+        try:
+            vm, ours = self.cloud.find_or_create(
+                job_id=self.state.job_id,
+                attempt=self.state.attempt,
+                region=self.state.region or "us-east",
+                agent_id=str((self.state.agent or {}).get("id") or ""),
+                on_created=record,
+            )
+        except CapacityExhausted:
+            self.state.capacity_exhausted = True
+            self.state.save()
+            raise
         if not ours:
             self.log(
                 f"adopted server {vm.name} ({vm.id}) made by attempt {vm.labels.get('attempt')}"
@@ -442,10 +447,18 @@ class Runner:
                 or (f"the workflow stopped during step {self.state.step} (cancelled or timed out)")
             )
             try:
-                self.api.fail(error=message, failed_step=self.state.step)
+                self.api.fail(
+                    error=message,
+                    failed_step=self.state.step,
+                    capacity=self.state.capacity_exhausted,
+                )
                 self.state.failure_reported = True
                 self.state.save()
-                self.log(f"reported failure at {self.state.step}")
+                self.log(
+                    f"reported the project's server limit at {self.state.step}"
+                    if self.state.capacity_exhausted
+                    else f"reported failure at {self.state.step}"
+                )
             except (ApiError, ApiUnavailable, ConfigError) as exc:
                 self.log(f"could not report the failure: {exc}")
         try:

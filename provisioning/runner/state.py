@@ -35,6 +35,8 @@ class RunState:
     complete_sent: bool = False
     completed: bool = False
     failure_reported: bool = False
+    # The create was refused for the Hetzner project's server limit: reported as capacity.
+    capacity_exhausted: bool = False
     last_error: str | None = None
     path: str | None = field(default=None, compare=False)
 

@@ -52,7 +52,7 @@ def test_happy_path_claims_beats_creates_in_ash_and_completes(
     assert server["name"] == f"agent-{job_id}"
     assert server["labels"] == job_labels(job_id, 1, callback_api.agent_id)
     assert server["location"]["name"] == "ash"
-    assert server["server_type"]["name"] == "cpx11"
+    assert server["server_type"]["name"] == "cpx22"  # us-east's default
     assert server["image"]["name"] == "ubuntu-24.04"
     assert server["x_fake_ssh_keys"] == ["provisioning-test"]
     assert callback_api.of("complete")[0].body == {
@@ -340,7 +340,9 @@ def test_deprovision_reports_a_vm_it_cannot_delete_as_a_failure(
 ):
     agent = callback_api.agent_id
     fake_hetzner.add_server(name="agent-x", labels=job_labels(str(uuid.uuid4()), 1, agent))
-    fake_hetzner.fail_next("DELETE", "/v1/servers/", status=423, code="locked", message="locked")
+    fake_hetzner.fail_next(
+        "DELETE", "/v1/servers/", status=503, code="unavailable", message="unavailable"
+    )
 
     result = deprovision(runner_env, job_id)
 
@@ -348,7 +350,7 @@ def test_deprovision_reports_a_vm_it_cannot_delete_as_a_failure(
     assert "complete" not in callback_api.verbs()
     [fail] = callback_api.of("fail")
     assert fail.body["failed_step"] == "claim"
-    assert "locked" in fail.body["error"]
+    assert "unavailable" in fail.body["error"]
     assert len(fake_hetzner.servers) == 1
 
 
@@ -450,3 +452,146 @@ def test_a_vm_that_cannot_be_deleted_is_left_for_cleanup_and_the_failure_still_r
     assert callback_api.of("fail")[0].body["failed_step"] == "wait-ssh"
     assert len(fake_hetzner.servers) == 1
     assert "could not delete server" in result.stderr
+
+
+# -- server types per region, and what Hetzner answers when it cannot build ---------------------
+
+
+def posted_locations(fake_hetzner):
+    return [
+        r["body"]["location"]
+        for r in fake_hetzner.requests
+        if r["method"] == "POST" and r["path"] == "/v1/servers"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("region", "server_type", "location"),
+    [("eu-central", "cx23", "fsn1"), ("ap-southeast", "cpx22", "sin"), ("us-west", "cpx22", "hil")],
+)
+def test_each_region_builds_its_own_current_server_type(
+    runner_env, callback_api, fake_hetzner, job_id, region, server_type, location
+):
+    callback_api.region = region
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    [server] = fake_hetzner.servers
+    assert (server["server_type"]["name"], server["location"]["name"]) == (server_type, location)
+
+
+def test_runner_server_types_overrides_one_region_and_keeps_the_others(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    callback_api.region = "eu-central"
+
+    result = provision(runner_env, job_id, RUNNER_SERVER_TYPES="eu-central=cax11,us-east=cpx32")
+
+    assert result.returncode == 0, result.stderr
+    assert fake_hetzner.servers[0]["server_type"]["name"] == "cax11"
+
+
+@pytest.mark.parametrize(
+    ("region", "types", "expected"),
+    [
+        ("us-east", "us-east=cpx11", "ash: deprecated (unavailable after 2026-01-01)"),
+        ("ap-southeast", '{"ap-southeast": "cx23"}', "sin: not sold there"),
+        ("us-east", "us-east=cx99", "does not exist"),
+    ],
+    ids=["deprecated", "not-sold-in-the-region", "unknown"],
+)
+def test_a_server_type_the_region_cannot_order_fails_create_server_before_creating(
+    runner_env, callback_api, fake_hetzner, job_id, region, types, expected
+):
+    callback_api.region = region
+
+    result = provision(runner_env, job_id, RUNNER_SERVER_TYPES=types)
+
+    assert result.returncode == 1
+    [fail] = callback_api.of("fail")
+    assert fail.body["failed_step"] == "create-server"
+    assert expected in fail.body["error"]
+    assert "RUNNER_SERVER_TYPES" in fail.body["error"]
+    assert "capacity" not in fail.body
+    assert posted_locations(fake_hetzner) == []
+    assert [r["query"] for r in fake_hetzner.requests if r["path"] == "/v1/server_types"]
+
+
+def test_the_old_single_server_type_variable_is_refused(runner_env, job_id):
+    result = provision(runner_env, job_id, RUNNER_SERVER_TYPE="cpx11")
+
+    assert result.returncode == 2
+    assert "RUNNER_SERVER_TYPES" in result.stderr
+
+
+def test_a_location_that_stopped_selling_the_type_is_skipped_before_ordering(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    callback_api.region = "eu-central"
+    fake_hetzner.stop_selling("cx23", "fsn1")
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    assert posted_locations(fake_hetzner) == ["nbg1"]
+
+
+def test_an_unsupported_location_invalid_input_tries_the_next_location(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    # The listing still names fsn1, but an order there is refused as invalid_input.
+    callback_api.region = "eu-central"
+    fake_hetzner.stop_selling("cx23", "fsn1", still_listed=True)
+    fake_hetzner.make_unavailable("nbg1")
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 0, result.stderr
+    assert posted_locations(fake_hetzner) == ["fsn1", "nbg1", "hel1"]
+    assert fake_hetzner.servers[0]["location"]["name"] == "hel1"
+
+
+def test_an_unknown_ssh_key_fails_at_the_first_location_without_trying_others(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    callback_api.region = "eu-central"
+
+    result = provision(runner_env, job_id, RUNNER_SSH_KEY_NAME="nobody-has-this-key")
+
+    assert result.returncode == 1
+    [fail] = callback_api.of("fail")
+    assert "invalid_input" in fail.body["error"]
+    assert posted_locations(fake_hetzner) == ["fsn1"]
+
+
+def test_the_projects_server_limit_is_reported_as_capacity_not_as_a_failure(
+    runner_env, callback_api, fake_hetzner, job_id
+):
+    callback_api.region = "eu-central"
+    fake_hetzner.server_limit = 1
+    fake_hetzner.add_server(name="someone-else")
+
+    result = provision(runner_env, job_id)
+
+    assert result.returncode == 1
+    [fail] = callback_api.of("fail")
+    assert fail.body["failed_step"] == "create-server"
+    assert fail.body["capacity"] is True
+    assert "resource_limit_exceeded" in fail.body["error"]
+    assert posted_locations(fake_hetzner) == ["fsn1"]  # a project-wide limit: no other location
+    assert len(fake_hetzner.servers) == 1
+
+
+def test_the_server_limit_in_the_workflow_steps_reaches_the_failure_step(
+    runner_env, callback_api, fake_hetzner, job_id, tmp_path
+):
+    env = {**runner_env, "RUNNER_STATE_FILE": str(tmp_path / "state.json")}
+    fake_hetzner.server_limit = 0
+    assert run_runner(env, "claim", "--job-id", job_id, "--attempt", "1").returncode == 0
+
+    assert run_runner(env, "create-server").returncode == 1
+    assert run_runner(env, "fail").returncode == 0
+
+    [fail] = callback_api.of("fail")
+    assert fail.body["capacity"] is True and fail.body["failed_step"] == "create-server"

@@ -170,3 +170,19 @@ def test_the_workflow_steps_deprovision_every_vm_of_the_agent(
     assert stopped_within(loop, 5)
     assert [s["id"] for s in fake_hetzner.servers] == [other["id"]]
     assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": ""}
+
+
+def test_the_heartbeat_loop_stops_when_its_state_file_disappears(
+    step_env, callback_api, fake_hetzner, job_id, tmp_path
+):
+    assert run_runner(step_env, "claim", "--job-id", job_id, "--attempt", "1").returncode == 0
+    loop = start_heartbeat_loop(step_env)
+    deadline = time.monotonic() + 10
+    while not callback_api.of("heartbeat"):
+        assert time.monotonic() < deadline, "the loop never beat"
+        time.sleep(0.02)
+
+    (tmp_path / "provision-state.json").unlink()
+
+    assert stopped_within(loop, 5), "heartbeat loop kept beating without its state file"
+    assert "is gone" in loop.stderr.read()
