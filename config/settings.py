@@ -261,6 +261,9 @@ RECONCILE_INTERVAL_SECONDS = env.int("RECONCILE_INTERVAL_SECONDS", default=300)
 REPROVISION_LIMIT_PER_HOUR = env.int("REPROVISION_LIMIT_PER_HOUR", default=3)
 # The reaper leaves a labelled VM younger than this alone (its job may not be recorded yet).
 REAPER_GRACE_SECONDS = env.int("REAPER_GRACE_SECONDS", default=1800)
+# The Hetzner project at its server limit: new builds wait this long before one is tried again
+# (sooner when a deprovision completes or an operator lifts the hold).
+CAPACITY_RETRY_SECONDS = env.int("CAPACITY_RETRY_SECONDS", default=900)
 # How often the customer's agent page polls its status while work is active.
 DASHBOARD_POLL_SECONDS = env.int("DASHBOARD_POLL_SECONDS", default=3)
 

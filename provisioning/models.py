@@ -26,6 +26,7 @@ __all__ = [
     "ACTIVE_STATUSES",
     "Actor",
     "Agent",
+    "CapacityHold",
     "JobEvent",
     "JobKind",
     "JobStatus",
@@ -372,6 +373,38 @@ class UsedTokenId(models.Model):
 
     def __str__(self) -> str:
         return self.jti
+
+
+class CapacityHold(models.Model):
+    """The Hetzner project was found at its server limit: provision builds are not dispatched
+    while a hold is in force (deprovisions still are, they free servers).
+
+    In force while not lifted and `until` is in the future. Lifted when a deprovision completes
+    or an operator lifts it; when `until` passes, builds are tried again (a build that meets the
+    limit again renews the hold).
+    """
+
+    started_at = models.DateTimeField()
+    until = models.DateTimeField()
+    reason = models.TextField(blank=True, default="")
+    renewals = models.PositiveIntegerField(default=0)
+    lifted_at = models.DateTimeField(null=True, blank=True)
+    lifted_by = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["-started_at"],
+                condition=Q(lifted_at__isnull=True),
+                name="capacityhold_unlifted",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"capacity hold since {self.started_at:%Y-%m-%d %H:%M}"
+
+    def in_force(self, now: datetime) -> bool:
+        return self.lifted_at is None and self.until > now
 
 
 class WorkerBeat(models.Model):

@@ -10,7 +10,15 @@ from django.conf import settings
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce, Greatest
 
-from provisioning.models import Actor, Agent, JobEvent, JobKind, JobStatus, ProvisioningJob
+from provisioning.models import (
+    Actor,
+    Agent,
+    CapacityHold,
+    JobEvent,
+    JobKind,
+    JobStatus,
+    ProvisioningJob,
+)
 
 
 def job_get(*, job_id: UUID | str) -> ProvisioningJob | None:
@@ -72,6 +80,15 @@ def job_list_due(*, now: datetime) -> QuerySet[ProvisioningJob]:
         .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lte=claim_window))
         .filter(~Exists(in_flight), ~Exists(older_queued))
         .order_by("created_at")
+    )
+
+
+def capacity_hold_in_force(*, now: datetime) -> CapacityHold | None:
+    """The hold keeping provision builds back (Hetzner's server limit), if one is in force."""
+    return (
+        CapacityHold.objects.filter(lifted_at__isnull=True, until__gt=now)
+        .order_by("-started_at")
+        .first()
     )
 
 

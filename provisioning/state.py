@@ -12,6 +12,7 @@ enqueue ──► queued ──claim──► provisioning ──complete──�
              │  │               │  └─┘
              │  └─requeue───────┤ fail / timeout while retry_count < max_retries:
              │                  │   retry_count+1, attempt+1, next_attempt_at = now + backoff
+             │                  │ capacity (Hetzner server limit): attempt+1, no retry spent
              │                  └─fail / timeout, retries spent ──► failed   (an operator's turn)
              └──── retry (failed → queued: attempt+1, retry_count 0, completed_at cleared)
    cancel: queued | provisioning → failed (step `cancelled`)
@@ -51,6 +52,7 @@ class EventAction(models.TextChoices):
     RETRY = "retry", "Retried by operator"
     REDISPATCH = "redispatch", "Re-dispatch requested"
     CLEANUP = "cleanup", "Cleanup run sent"
+    CAPACITY_WAIT = "capacity_wait", "Waiting for server capacity"
     NOTE = "note", "Note"  # an operator- or system-written remark (the reaper's): not a move
 
 
@@ -107,6 +109,9 @@ FAIL_REQUEUE = Move("fail_requeue", EventAction.FAIL, frozenset({_P}), _Q)  # re
 FAIL = Move("fail", EventAction.FAIL, frozenset({_P}), _F)  # retries spent
 TIMEOUT_REQUEUE = Move("timeout_requeue", EventAction.TIMEOUT, frozenset({_P}), _Q)
 TIMEOUT = Move("timeout", EventAction.TIMEOUT, frozenset({_P}), _F)
+# The run found the Hetzner project at its server limit: not the job's fault, so back to queued
+# with a new attempt (fencing the old run) and no retry spent; builds wait for capacity.
+CAPACITY_REQUEUE = Move("capacity_requeue", EventAction.CAPACITY_WAIT, frozenset({_P}), _Q)
 # --- operators (and the customer's "try again") ---------------------------------------------
 CANCEL = Move("cancel", EventAction.CANCEL, frozenset({_Q, _P}), _F)
 RETRY = Move("retry", EventAction.RETRY, frozenset({_F}), _Q)
@@ -124,6 +129,7 @@ MOVES: tuple[Move, ...] = (
     FAIL,
     TIMEOUT_REQUEUE,
     TIMEOUT,
+    CAPACITY_REQUEUE,
     CANCEL,
     RETRY,
     REDISPATCH,

@@ -539,6 +539,20 @@ def job_overview(*, now: datetime) -> dict[str, Any]:
         "stale_count": selectors.job_list_stale(now=now).count(),
         "timeout": duration(settings.JOB_TIMEOUT_SECONDS),
         "unfulfillable": _unfulfillable_payments(),
+        "capacity_hold": _capacity_hold(now=now),
+    }
+
+
+def _capacity_hold(*, now: datetime) -> dict[str, Any] | None:
+    """The hold on builds (Hetzner's server limit), if one is in force: what the card shows."""
+    hold = selectors.capacity_hold_in_force(now=now)
+    if hold is None:
+        return None
+    return {
+        "since": ago(hold.started_at, now=now),
+        "until": local_time(hold.until),
+        "reason": hold.reason,
+        "url": reverse("admin:provisioning_capacityhold_changelist"),
     }
 
 

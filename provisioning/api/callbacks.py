@@ -221,6 +221,12 @@ class JobFailApi(WorkflowRunApi):
             max_length=services.MAX_ERROR_CHARS, help_text="What went wrong: the log's tail."
         )
         failed_step = serializers.ChoiceField(choices=RUNNER_STEP_CHOICES)
+        capacity = serializers.BooleanField(
+            required=False,
+            default=False,
+            help_text="True: Hetzner's server limit stopped the build; requeued without "
+            "spending a retry, and builds wait for capacity.",
+        )
 
         class Meta:
             ref_name = "JobFailRequest"

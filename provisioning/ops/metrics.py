@@ -56,6 +56,7 @@ class JobCollector(Collector):
         yield from self._lifecycle(now)
         yield from self._outcomes(now)
         yield from self._worker(now)
+        yield from self._capacity(now)
 
     def _by_status(self, now: datetime) -> Iterator[Any]:
         # Exact counts that stay cheap at any table size: queued and provisioning rows are few
@@ -184,6 +185,20 @@ class JobCollector(Collector):
             "Claim to completion of provisions that succeeded in the last 24 hours.",
             buckets=buckets,
             sum_value=total_seconds,
+        )
+
+    def _capacity(self, now: datetime) -> Iterator[Any]:
+        hold = selectors.capacity_hold_in_force(now=now)
+        yield GaugeMetricFamily(
+            "provisioning_capacity_hold",
+            "1 while provision builds are held back because the Hetzner project is at its "
+            "server limit (deprovisions still run), else 0.",
+            value=0 if hold is None else 1,
+        )
+        yield GaugeMetricFamily(
+            "provisioning_capacity_hold_seconds_left",
+            "Seconds until a held-back build is tried again (0 when no hold is in force).",
+            value=0.0 if hold is None else max((hold.until - now).total_seconds(), 0.0),
         )
 
     def _worker(self, now: datetime) -> Iterator[Any]:

@@ -90,11 +90,13 @@ def _server_types(env: Mapping[str, str]) -> dict[str, str]:
         for item in (part.strip() for part in raw.split(",")):
             if not item:
                 continue
-            region, sep, server_type = item.partition("=")
+            name, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"RUNNER_SERVER_TYPES: {item!r} is not region=type")
-            pairs.append((region.strip(), server_type.strip()))
+            pairs.append((name.strip(), value.strip()))
     for region, server_type in pairs:
+        if not isinstance(region, str):
+            raise ConfigError("RUNNER_SERVER_TYPES: region names are strings")
         if region not in REGION_LOCATIONS:
             raise ConfigError(
                 f"RUNNER_SERVER_TYPES names unknown region {region!r} "

@@ -9,6 +9,7 @@ why.
   operator    job_cancel, job_retry, job_redispatch, job_force_timeout
   lifecycle   agent_end
   reconcile   job_reconcile_runs
+  capacity    capacity_hold_place, capacity_hold_lift (Hetzner's server limit)
   common      what several need: Run/RunRef, recording a move's event, the one fail path
 
 Moves are conditional UPDATEs (`WHERE status IN move.sources AND <fence>`) or checks under the
@@ -24,6 +25,7 @@ from provisioning.services.callbacks import (
     job_fail,
     job_heartbeat,
 )
+from provisioning.services.capacity import capacity_hold_lift, capacity_hold_place
 from provisioning.services.common import MAX_ERROR_CHARS, Run, RunRef
 from provisioning.services.dispatch import (
     dispatch_failed,
@@ -48,6 +50,8 @@ __all__ = [
     "Run",
     "RunRef",
     "agent_end",
+    "capacity_hold_lift",
+    "capacity_hold_place",
     "dispatch_failed",
     "dispatch_soon",
     "job_authorize_cleanup",

@@ -28,6 +28,7 @@ from provisioning.errors import (
     WrongRun,
 )
 from provisioning.models import Actor, Agent, JobEvent, JobKind, ProvisioningJob, Step
+from provisioning.services.capacity import capacity_hold_lift, capacity_requeue_locked
 from provisioning.services.common import (
     RunRef,
     fail_locked,
@@ -36,7 +37,15 @@ from provisioning.services.common import (
     record_move,
     spend_token,
 )
-from provisioning.state import CLAIM, CLEANUP, COMPLETE, DISPATCH, FAIL, HEARTBEAT
+from provisioning.state import (
+    CAPACITY_REQUEUE,
+    CLAIM,
+    CLEANUP,
+    COMPLETE,
+    DISPATCH,
+    FAIL,
+    HEARTBEAT,
+)
 
 # --- claim -----------------------------------------------------------------------------------
 
@@ -238,15 +247,20 @@ def job_complete(
             step=Step.COMPLETE,
             reason="VM deleted" if job.is_deprovision else f"Server {server_id} at {ipv4}",
         )
+        if job.is_deprovision:
+            capacity_hold_lift(actor=Actor.workflow(run.run_id), now=now)  # a server was freed
     return job
 
 
 # --- the run's failure report ----------------------------------------------------------------
 
 
-def job_fail(*, job_id: UUID | str, run: RunRef, error: str, failed_step: str) -> ProvisioningJob:
+def job_fail(
+    *, job_id: UUID | str, run: RunRef, error: str, failed_step: str, capacity: bool = False
+) -> ProvisioningJob:
     """The run reports failure: FAIL_REQUEUE (PROVISIONING -> QUEUED, with backoff) while retries
-    are left, else FAIL (-> FAILED).
+    are left, else FAIL (-> FAILED). `capacity` (a provision met Hetzner's server limit):
+    CAPACITY_REQUEUE, no retry spent, and builds are held back (services.capacity).
 
     Repeated by the same run: returns the job, no change. From any other run: refused.
     """
@@ -264,11 +278,19 @@ def job_fail(*, job_id: UUID | str, run: RunRef, error: str, failed_step: str) -
             already_reported = JobEvent.objects.filter(
                 job=job,
                 workflow_run_id=run.run_id,
-                action=FAIL.action,
+                action__in=[FAIL.action, CAPACITY_REQUEUE.action],
             ).exists()
             if already_reported and not job.allows(FAIL):
                 return job
             raise fence_refusal(job_id, run, FAIL)
+        if capacity and not job.is_deprovision:
+            return capacity_requeue_locked(
+                job,
+                actor=Actor.workflow(run.run_id),
+                error=error,
+                failed_step=failed_step,
+                run_id=run.run_id,
+            )
         return fail_locked(
             job,
             timeout=False,

@@ -151,6 +151,27 @@ def test_a_failed_attempt_is_requeued_and_the_next_run_completes_it(
     assert (job.status, job.attempt, job.retry_count) == ("running", 2, 1)
 
 
+def test_a_fail_reporting_the_server_limit_requeues_without_spending_a_retry(
+    api, oidc_issuer, backend
+):
+    job, run = claimed(backend, max_retries=0)  # a plain failure would end it
+
+    response = call(
+        api,
+        job.pk,
+        "fail",
+        {
+            "error": "create server in ash: resource_limit_exceeded: server limit exceeded",
+            "failed_step": "create-server",
+            "capacity": True,
+        },
+        oidc_issuer.mint(run_id=run.run_id),
+    )
+
+    assert response.status_code == 200, response.content
+    assert response.json() == {"status": "queued", "retry_count": 0, "attempt": 2}
+
+
 def test_fail_with_no_retries_left_ends_the_job_failed(api, oidc_issuer, backend):
     job, run = claimed(backend, max_retries=0)
 

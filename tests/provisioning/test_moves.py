@@ -17,7 +17,7 @@ from django.utils import timezone
 from provisioning import services, state
 from provisioning.backends.base import RunStatus
 from provisioning.errors import InvalidTransition
-from provisioning.models import JobEvent, JobStatus, ProvisioningJob, Step
+from provisioning.models import CapacityHold, JobEvent, JobStatus, ProvisioningJob, Step
 from provisioning.services.common import record_move
 from provisioning.state import MOVES, TRANSITIONS, Move
 from tests.factories import AgentFactory
@@ -125,6 +125,17 @@ def _fail(*, retries_left: bool) -> Callable[[RecordingBackend], Callable[[], ob
     return prepare
 
 
+def _capacity(backend: RecordingBackend) -> Callable[[], object]:
+    job, run = claimed(backend)
+    return lambda: services.job_fail(
+        job_id=job.pk,
+        run=run,
+        error="resource_limit_exceeded",
+        failed_step=Step.CREATE_SERVER,
+        capacity=True,
+    )
+
+
 def _timeout_sweep(*, retries_left: bool) -> Callable[[RecordingBackend], Callable[[], object]]:
     def prepare(backend: RecordingBackend) -> Callable[[], object]:
         job, _run = claimed(backend)
@@ -197,6 +208,7 @@ SCENARIOS = [
     Scenario("job_complete", (state.COMPLETE,), _complete),
     Scenario("job_fail, retries left", (state.FAIL_REQUEUE,), _fail(retries_left=True)),
     Scenario("job_fail, retries spent", (state.FAIL,), _fail(retries_left=False)),
+    Scenario("job_fail, server limit", (state.CAPACITY_REQUEUE,), _capacity),
     Scenario("job_reconcile_runs", (state.FAIL_REQUEUE,), _reconcile),
     Scenario(
         "job_timeout_stale, retries left",
@@ -241,6 +253,7 @@ def test_every_move_of_the_state_machine_is_performed_by_a_service(backend):
         scenario.prepare(backend)()
         performed |= {move_of(event) for event in JobEvent.objects.all()}
         ProvisioningJob.objects.all().delete()  # the next scenario's job is the only one due
+        CapacityHold.objects.all().delete()  # a server-limit report would hold later builds
 
     assert performed == set(MOVES), {m.name for m in set(MOVES) - performed}
 
