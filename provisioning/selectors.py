@@ -58,12 +58,15 @@ def job_list_stale(
     )
 
 
-def job_list_due(*, now: datetime) -> QuerySet[ProvisioningJob]:
+def job_list_due(*, now: datetime, builds_held: bool = False) -> QuerySet[ProvisioningJob]:
     """Queued jobs a dispatcher may hand to a runner now, oldest first.
 
     Due: queued; out of backoff; not dispatched within DISPATCH_CLAIM_TIMEOUT_SECONDS (a dispatch
     nobody claimed in that window is re-sent); the oldest queued job of its user; and that user has
     no provisioning job. Per-user FIFO keeps a customer's orders in the order they paid.
+
+    `builds_held` (a capacity hold, Hetzner's server limit): provisions are not due, and a
+    customer's waiting provision does not keep their deprovision back (it frees a server).
     """
     claim_window = now - timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
     in_flight = ProvisioningJob.objects.filter(
@@ -74,9 +77,12 @@ def job_list_due(*, now: datetime) -> QuerySet[ProvisioningJob]:
         status=JobStatus.QUEUED,
         created_at__lt=OuterRef("created_at"),
     )
+    queued = ProvisioningJob.objects.filter(status=JobStatus.QUEUED)
+    if builds_held:
+        older_queued = older_queued.filter(kind=JobKind.DEPROVISION)
+        queued = queued.filter(kind=JobKind.DEPROVISION)
     return (
-        ProvisioningJob.objects.filter(status=JobStatus.QUEUED)
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        queued.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
         .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lte=claim_window))
         .filter(~Exists(in_flight), ~Exists(older_queued))
         .order_by("created_at")

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from provisioning import backends, selectors
 from provisioning.backends.base import RunnerBackend
-from provisioning.models import Actor, JobKind, ProvisioningJob, Step
+from provisioning.models import Actor, ProvisioningJob, Step
 from provisioning.services.common import after_commit, record_move
 from provisioning.state import CLEANUP, DISPATCH, DISPATCH_FAILED
 
@@ -44,10 +44,9 @@ def job_dispatch_next(
     """
     backend = backend or backends.get_backend()
     now = now or timezone.now()
-    due = selectors.job_list_due(now=now)
-    if selectors.capacity_hold_in_force(now=now) is not None:
-        # Hetzner's server limit was hit: builds wait; deprovisions go (they free servers).
-        due = due.exclude(kind=JobKind.PROVISION)
+    # Hetzner's server limit was hit: builds wait; deprovisions go (they free servers).
+    held = selectors.capacity_hold_in_force(now=now) is not None
+    due = selectors.job_list_due(now=now, builds_held=held)
     with transaction.atomic(durable=True):
         job = due.select_for_update(skip_locked=True, of=("self",)).first()
         if job is None:

@@ -61,6 +61,17 @@ def test_while_held_builds_wait_and_deprovisions_still_go(backend):
     assert waiting.status == JobStatus.QUEUED and waiting.dispatched_at is None
 
 
+def test_a_customers_waiting_build_does_not_keep_their_deprovision_back(backend):
+    waiting, _run = at_the_limit(backend)
+    other_agent = AgentFactory(owner=waiting.agent.owner)
+    deprovision = services.agent_end(agent_id=other_agent.pk, actor="stripe", reason="refund")
+
+    taken = services.job_dispatch_next(backend=backend)
+
+    assert taken is not None and taken.pk == deprovision.pk
+    assert deprovision.user_id == waiting.user_id
+
+
 def test_the_hold_lapses_after_the_retry_interval(backend, settings):
     settings.CAPACITY_RETRY_SECONDS = 60
     waiting, _run = at_the_limit(backend)
