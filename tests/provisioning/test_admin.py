@@ -521,7 +521,7 @@ def test_the_paginator_estimates_a_big_unfiltered_table_on_postgres(monkeypatch)
         cursor.execute("ANALYZE provisioning_provisioningjob")
     monkeypatch.setattr(EstimatedCountPaginator, "EXACT_LIMIT", 3)
 
-    paginator = EstimatedCountPaginator(ProvisioningJob.objects.all(), 2)
+    paginator = EstimatedCountPaginator(ProvisioningJob.objects.order_by("-created_at"), 2)
 
     assert paginator.count >= 4
     assert paginator.is_estimate
