@@ -6,6 +6,7 @@ from csp.decorators import csp_update
 from django.contrib import admin
 from django.templatetags.static import static
 from django.urls import include, path
+from django.utils.functional import lazy
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
@@ -17,10 +18,11 @@ from provisioning.web import urls as dashboard_urls
 dashboard = (dashboard_urls.urlpatterns + billing_urls.dashboard_urlpatterns, "dashboard")
 
 urlpatterns = [
-    # Every browser asks for /favicon.ico whatever the page links: answer it, not a 404.
+    # Every browser asks for /favicon.ico whatever the page links: answer it, not a 404. Resolved
+    # at request time: the static manifest may not exist when the URLconf is imported.
     path(
         "favicon.ico",
-        RedirectView.as_view(url=static("img/favicon.svg"), permanent=True),
+        RedirectView.as_view(url=lazy(static, str)("img/favicon.svg"), permanent=True),
         name="favicon",
     ),
     path("admin/", admin.site.urls),
