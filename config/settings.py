@@ -325,6 +325,18 @@ LOCAL_RUNNER_COMMAND = env.list("LOCAL_RUNNER_COMMAND", default=[])
 # Extra environment for local runs (tests point the runner at their own fakes); not from the env.
 LOCAL_RUNNER_EXTRA_ENV: dict[str, str] = {}
 
+# --- Operator alerts: a job failed for good ----------------------------------------------------
+# Email goes to these addresses, else to every active staff user with an email address.
+OPERATOR_ALERT_EMAILS = env.list("OPERATOR_ALERT_EMAILS", default=[])
+# Optional: a JSON POST per failed job (e.g. a Slack incoming webhook URL).
+OPERATOR_ALERT_WEBHOOK_URL = env.str("OPERATOR_ALERT_WEBHOOK_URL", default="")
+# Mail: EMAIL_URL (smtp://user:password@host:587/?tls=True); `make run` prints mail to its output.
+vars().update(
+    env.email_url("EMAIL_URL", default="consolemail://" if DEBUG else "smtp://localhost:25")
+)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="agent-provisioning@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
 # --- Monitoring ----------------------------------------------------------------------------------
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 

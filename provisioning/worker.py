@@ -88,6 +88,7 @@ class Worker:
             ),
             ("cleanup", lambda: services.job_send_cleanup(backend=self.backend)),
             ("reconcile", self.reconcile),
+            ("alerts", services.operator_alerts_send),
         ]
 
     def tick(self) -> TickReport:
@@ -102,7 +103,9 @@ class Worker:
                 # A broken connection must not poison the next duty.
                 _refresh_connections()
         self.ticks += 1
-        if any(report.done.get(k) for k in ("timeout", "dispatch", "cleanup", "reconcile")):
+        if any(
+            report.done.get(k) for k in ("timeout", "dispatch", "cleanup", "reconcile", "alerts")
+        ):
             logger.info("worker %s tick %d: %s", self.name, self.ticks, report.done)
         return report
 
