@@ -118,3 +118,12 @@ def test_the_worker_sends_alerts_every_tick(backend, settings, operator):
 
     assert report.done["alerts"] == 1
     assert len(mail.outbox) == 1
+
+
+def test_operators_see_the_alerts_in_the_admin(backend, settings, operator, admin_client):
+    [job] = fail_for_good(backend, settings)
+    services.operator_alerts_send()
+
+    page = admin_client.get("/admin/provisioning/operatoralert/").content.decode()
+
+    assert job.short_id in page
