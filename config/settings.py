@@ -47,7 +47,7 @@ CSRF_TRUSTED_ORIGINS = env.list(
 )
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "config.admin.OperatorAdminConfig",  # django.contrib.admin, with the console's app order
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

@@ -631,3 +631,16 @@ def test_end_agent_is_offered_with_its_permission(client, ender):
     AgentFactory()
 
     assert "end_agents" in offered_actions(client.get(AGENTS))
+
+
+def test_the_admin_home_lists_the_console_first_and_stripe_last(admin_client):
+    page = admin_client.get("/admin/").content.decode()
+
+    positions = [
+        page.index(f'class="app-{label} module')
+        for label in ("provisioning", "billing", "djstripe")
+    ]
+    assert positions == sorted(positions)
+    jobs, agents = page.index("Provisioning jobs"), page.index(">Agents<")
+    assert jobs < agents
+    assert "Stripe mirror (dj-stripe)" in page
