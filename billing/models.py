@@ -127,6 +127,33 @@ class UnmatchedEndingEvent(OperatorCase):
         ]
 
 
+class DriftReason(models.TextChoices):
+    ACTIVE_AFTER_END = "active_after_end", "Subscription active, agent ended"
+
+
+class BillingDrift(OperatorCase):
+    """Stripe and our agents disagree in a way we must not fix by guessing: a subscription Stripe
+    still bills (active, trialing, past due) whose agent has ended. Refund, cancel the
+    subscription in Stripe or rebuild the agent — an operator decides. Found by the Stripe
+    catch-up's drift check, not by an event: `stripe_event_id` is `drift:<subscription id>`,
+    so one subscription makes one case however often the check sees it.
+    """
+
+    stripe_subscription_id = models.CharField(max_length=255, db_index=True)
+    stripe_customer_id = models.CharField(max_length=255, blank=True, default="")
+    agent_id = models.CharField(max_length=64, blank=True, default="")  # the ended agent
+    subscription_status = models.CharField(max_length=32, blank=True, default="")
+    reason = models.CharField(max_length=32, choices=DriftReason)
+
+    class Meta(OperatorCase.Meta):
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(reason__in=DriftReason.values), name="billing_drift_reason_valid"
+            ),
+        ]
+
+
 class KnownCharge(models.Model):
     """Whose a charge is, as a signed `charge.*` event said (customer, and subscription when the
     payload carried it).
@@ -163,6 +190,9 @@ class StripeReconcileState(models.Model):
     # Paid sessions the last audit found with no agent that it could not fulfil (each has an open
     # UnfulfillablePayment, or its event is still being processed).
     paid_sessions_without_agent = models.PositiveIntegerField(default=0)
+    # The drift check asks Stripe about a batch of subscriptions per run, in subscription-id
+    # order from here ("" = from the start), so every agent is checked in turn.
+    subscription_cursor = models.CharField(max_length=255, blank=True, default="")
 
     def __str__(self) -> str:
         return f"stripe reconcile ({self.name})"

@@ -15,7 +15,11 @@ endpoint). Every STRIPE_RECONCILE_INTERVAL_SECONDS the worker (and `manage.py st
    (`GET /v1/checkout/sessions`, `status=complete`) against agents: a paid one without an agent
    whose purchase event we never recorded (never sent, or older than Stripe's 30 days of events)
    is fulfilled through `purchase_fulfil`, idempotent on the session id; the others are counted
-   for operators (they already have an UnfulfillablePayment case).
+   for operators (they already have an UnfulfillablePayment case);
+3. compares subscriptions with agents, a batch per run (`GET /v1/subscriptions/<id>`): an agent
+   still up whose subscription is `canceled` or `incomplete_expired` is ended through the normal
+   ending path; a subscription Stripe still bills whose agent ended becomes a BillingDrift case
+   for operators (never guessed at).
 
 What it did is recorded (StripeCatchUp rows, StripeReconcileState) so /metrics and the admin can
 show it from the database.
@@ -37,7 +41,7 @@ from django.db.models import Q
 from django.db.models.signals import post_save
 from django.utils import timezone
 
-from billing import services
+from billing import ending, services
 from billing.models import CatchUpKind, StripeCatchUp, StripeReconcileState
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,9 @@ WATERMARK_OVERLAP = timedelta(minutes=10)
 # audit fulfils it if the webhook never comes.
 SESSION_GRACE = timedelta(minutes=10)
 PAGE_SIZE = 100
+# Subscriptions the drift check asks Stripe about per run (one retrieve each); the next run
+# continues after the last one, so every agent's subscription is checked in turn.
+SUBSCRIPTION_CHECK_BATCH = 100
 # Prefix of the job's stripe_event_id for a purchase fulfilled from its session alone.
 SESSION_EVENT_PREFIX = "reconcile:"
 
@@ -65,6 +72,9 @@ class ReconcileReport:
     sessions_checked: int = 0
     sessions_fulfilled: int = 0  # paid sessions fulfilled by the audit (no event recorded)
     sessions_without_agent: list[str] = field(default_factory=list)  # still without an agent
+    subscriptions_checked: int = 0
+    agents_ended: int = 0  # up although Stripe says their subscription ended
+    drift_cases: list[str] = field(default_factory=list)  # billed subscriptions of ended agents
     watermark: datetime | None = None
 
     @property
@@ -73,7 +83,7 @@ class ReconcileReport:
 
     @property
     def work(self) -> int:
-        return self.caught_up + self.sessions_fulfilled
+        return self.caught_up + self.sessions_fulfilled + self.agents_ended
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +290,65 @@ def session_fulfil(*, session: dict[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# billing drift: what Stripe bills against which agents are up
+
+
+def subscriptions_check(
+    *,
+    client: stripe.StripeClient,
+    now: datetime,
+    report: ReconcileReport,
+    batch: int = SUBSCRIPTION_CHECK_BATCH,
+) -> None:
+    """Ask Stripe about the next `batch` subscriptions of agents that are up or ended recently
+    (STRIPE_SESSION_AUDIT_DAYS); end agents whose subscription ended, record a case for a
+    subscription still billed whose agent ended."""
+    from provisioning.models import Agent
+
+    state = _state()
+    recently = now - timedelta(days=settings.STRIPE_SESSION_AUDIT_DAYS)
+    ids = list(
+        Agent.objects.exclude(stripe_subscription_id="")
+        .filter(Q(ended_at__isnull=True) | Q(ended_at__gte=recently))
+        .filter(stripe_subscription_id__gt=state.subscription_cursor)
+        .order_by("stripe_subscription_id")
+        .values_list("stripe_subscription_id", flat=True)
+        .distinct()[:batch]
+    )
+    for subscription_id in ids:
+        try:
+            found = client.v1.subscriptions.retrieve(subscription_id)
+        except stripe.InvalidRequestError as exc:
+            # Not in this account or mode (an agent made by hand, test data): nothing to compare.
+            logger.warning("stripe reconcile: subscription %s: %s", subscription_id, exc)
+            continue
+        report.subscriptions_checked += 1
+        subscription_reconcile(subscription=found.to_dict(for_json=True), report=report)
+    cursor = ids[-1] if len(ids) == batch else ""
+    StripeReconcileState.objects.filter(pk=state.pk).update(subscription_cursor=cursor)
+
+
+def subscription_reconcile(*, subscription: dict[str, Any], report: ReconcileReport) -> None:
+    """One subscription as Stripe has it now against the agents made from it."""
+    from provisioning.models import Agent
+
+    subscription_id = str(subscription.get("id") or "")
+    status = subscription.get("status")
+    agents = list(Agent.objects.filter(stripe_subscription_id=subscription_id))
+    if not subscription_id or not agents:
+        return
+    up = [agent for agent in agents if not agent.is_ended]
+    if status in ending.SUBSCRIPTION_ENDED_STATUSES:
+        for agent in up:
+            ending.subscription_ended_unnoticed(agent=agent, subscription=subscription)
+            report.agents_ended += 1
+    elif status in ending.SUBSCRIPTION_BILLING_STATUSES and not up:
+        latest = max(agents, key=lambda agent: agent.ended_at or agent.created_at)
+        ending.billing_after_end_record(agent=latest, subscription=subscription)
+        report.drift_cases.append(subscription_id)
+
+
+# ---------------------------------------------------------------------------------------------
 # one run
 
 
@@ -326,6 +395,7 @@ def reconcile_run(
             if newest_done is None or created > newest_done:
                 newest_done = created
         sessions_audit(client=client, now=now, report=report)
+        subscriptions_check(client=client, now=now, report=report)
     except Exception as exc:
         StripeReconcileState.objects.filter(pk=state.pk).update(
             last_run_at=now, last_error=f"{type(exc).__name__}: {exc}"[:4000]
@@ -347,12 +417,16 @@ def reconcile_run(
         logger.warning("stripe reconcile: paid session %s has no agent", session_id)
     logger.info(
         "stripe reconcile: %d listed, %d caught up, %d failed, %d sessions fulfilled, "
-        "%d paid sessions without agent; watermark %s",
+        "%d paid sessions without agent, %d subscriptions checked, %d agents ended, %d drift "
+        "cases; watermark %s",
         report.listed,
         report.caught_up,
         len(report.failed),
         report.sessions_fulfilled,
         len(report.sessions_without_agent),
+        report.subscriptions_checked,
+        report.agents_ended,
+        len(report.drift_cases),
         report.watermark,
     )
     return report

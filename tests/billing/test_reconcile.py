@@ -16,6 +16,7 @@ from djstripe.models import Event
 
 from billing import reconcile, sample_events
 from billing.models import (
+    BillingDrift,
     CatchUpKind,
     StripeCatchUp,
     StripeReconcileState,
@@ -440,3 +441,112 @@ def test_the_admin_overview_shows_the_catch_up(fake, customer, admin_client):
 
     assert "Stripe events caught up (no webhook)" in page
     assert "paid sessions without agent" in page
+
+
+# --- billing drift ----------------------------------------------------------------------------
+
+
+def subscription_in_stripe(fake: FakeStripeAPI, agent: Agent, status: str) -> dict[str, Any]:
+    subscription = sample_events.build_subscription(
+        subscription_id=agent.stripe_subscription_id, customer_id=agent.stripe_customer_id
+    )
+    subscription["status"] = status
+    fake.subscriptions[agent.stripe_subscription_id] = subscription
+    return subscription
+
+
+def bought(customer: Any, deliver: Any) -> Agent:
+    event = paid_event(customer)
+    event["data"]["object"]["subscription"] = sample_events.stripe_id("sub_")
+    assert deliver(event).status_code == 200
+    return Agent.objects.get(stripe_checkout_session_id=event["data"]["object"]["id"])
+
+
+@pytest.mark.parametrize("status", ["canceled", "incomplete_expired"])
+def test_an_agent_whose_subscription_ended_unnoticed_is_ended_once(fake, customer, deliver, status):
+    agent = bought(customer, deliver)
+    subscription = subscription_in_stripe(fake, agent, status)
+
+    report = reconcile.reconcile_run()
+
+    assert (report.subscriptions_checked, report.agents_ended) == (1, 1)
+    agent.refresh_from_db()
+    assert agent.is_ended
+    assert agent.end_reason == "subscription ended while events were missed"
+    assert ProvisioningJob.objects.filter(agent=agent, kind=JobKind.DEPROVISION).count() == 1
+
+    # The lost event turns up after all; the next check finds nothing more to do.
+    late = sample_events.build_event("customer.subscription.deleted", subscription)
+    assert deliver(late).status_code == 200
+    again = reconcile.reconcile_run()
+
+    assert again.agents_ended == 0
+    assert ProvisioningJob.objects.filter(agent=agent, kind=JobKind.DEPROVISION).count() == 1
+
+
+def test_a_subscription_still_billed_after_its_agent_ended_is_an_operator_case(
+    fake, customer, deliver
+):
+    from provisioning import services as provisioning_services
+    from provisioning.models import Actor
+
+    agent = bought(customer, deliver)
+    provisioning_services.agent_end(agent_id=agent.pk, actor=Actor.SYSTEM, reason="abuse")
+    subscription_in_stripe(fake, agent, "active")
+
+    report = reconcile.reconcile_run()
+    reconcile.reconcile_run()
+
+    assert report.drift_cases == [agent.stripe_subscription_id]
+    case = BillingDrift.objects.get()
+    assert (case.stripe_subscription_id, case.agent_id, case.subscription_status) == (
+        agent.stripe_subscription_id,
+        str(agent.pk),
+        "active",
+    )
+    assert case.resolved_at is None
+    agent.refresh_from_db()
+    assert agent.end_reason == "abuse"  # nothing guessed, nothing changed
+
+
+def test_an_agent_up_with_an_active_subscription_is_left_alone(fake, customer, deliver):
+    agent = bought(customer, deliver)
+    subscription_in_stripe(fake, agent, "active")
+
+    report = reconcile.reconcile_run()
+
+    assert (report.subscriptions_checked, report.agents_ended, report.drift_cases) == (1, 0, [])
+    agent.refresh_from_db()
+    assert not agent.is_ended
+    assert not BillingDrift.objects.exists()
+
+
+def test_the_drift_check_takes_a_batch_per_run_and_comes_round_again(fake, customer, deliver):
+    agents = sorted(
+        (bought(customer, deliver) for _ in range(3)), key=lambda a: a.stripe_subscription_id
+    )
+    for agent in agents:
+        subscription_in_stripe(fake, agent, "active")
+    client = reconcile.services.stripe_client()
+
+    def one_run() -> list[str]:
+        before = len(fake.calls)
+        reconcile.subscriptions_check(
+            client=client, now=timezone.now(), report=reconcile.ReconcileReport(), batch=2
+        )
+        return [path.rsplit("/", 1)[1] for _m, path, _q in fake.calls[before:]]
+
+    ids = [a.stripe_subscription_id for a in agents]
+    assert one_run() == ids[:2]
+    assert one_run() == ids[2:]
+    assert one_run() == ids[:2]
+
+
+def test_a_subscription_stripe_does_not_know_is_skipped(fake, customer, deliver):
+    bought(customer, deliver)  # its subscription is not in the fake: 404
+
+    report = reconcile.reconcile_run()
+
+    assert report.ok
+    assert report.subscriptions_checked == 0
+    assert state().last_success_at is not None

@@ -17,7 +17,8 @@ from billing import reconcile
 class Command(BaseCommand):
     help = (
         "List Stripe events since the watermark (or --since) and process those no webhook "
-        "delivered, then fulfil or report paid Checkout sessions without an agent."
+        "delivered, fulfil or report paid Checkout sessions without an agent, and compare "
+        "subscriptions with agents."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -38,12 +39,16 @@ class Command(BaseCommand):
             f"{report.already_recorded} already recorded, {len(report.failed)} failed. "
             f"Audited {report.sessions_checked} paid sessions: {report.sessions_fulfilled} "
             f"fulfilled, {len(report.sessions_without_agent)} without agent. "
+            f"Checked {report.subscriptions_checked} subscriptions: {report.agents_ended} agents "
+            f"ended, {len(report.drift_cases)} billed after their agent ended. "
             f"Watermark: {report.watermark.isoformat() if report.watermark else 'none'}."
         )
         for event_id, error in report.failed.items():
             self.stderr.write(f"event {event_id} failed: {error}")
         for session_id in report.sessions_without_agent:
             self.stdout.write(f"paid session without agent: {session_id}")
+        for subscription_id in report.drift_cases:
+            self.stdout.write(f"billed, agent ended (operator case): {subscription_id}")
         if report.failed:
             raise CommandError(f"{len(report.failed)} events could not be processed")
 
