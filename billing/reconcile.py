@@ -450,8 +450,14 @@ def _watermark_next(
 
 
 def reconcile_duty() -> int:
-    """The worker's duty: a run when the interval's lease is free and Stripe is configured."""
+    """The worker's duty: a run when the interval's lease is free and Stripe is configured.
+
+    Off without a key, and under the local stand-in checkout with no Stripe fake to ask
+    (`make run`: there is no Stripe account to catch up with).
+    """
     if settings.STRIPE_RECONCILE_INTERVAL_SECONDS <= 0 or not settings.STRIPE_SECRET_KEY:
+        return 0
+    if settings.BILLING_LOCAL_CHECKOUT and not settings.STRIPE_API_BASE:
         return 0
     if not reconcile_lease_take():
         return 0

@@ -386,8 +386,18 @@ def test_the_worker_runs_the_catch_up_once_per_interval(fake, customer, settings
     assert len(fake.list_calls("/v1/events")) == 1
 
 
-def test_the_duty_is_off_at_interval_zero(fake, customer, settings):
-    settings.STRIPE_RECONCILE_INTERVAL_SECONDS = 0
+@pytest.mark.parametrize(
+    "off",
+    [
+        {"STRIPE_RECONCILE_INTERVAL_SECONDS": 0},
+        {"STRIPE_SECRET_KEY": ""},
+        {"BILLING_LOCAL_CHECKOUT": True, "STRIPE_API_BASE": ""},  # `make run`: no Stripe
+    ],
+)
+def test_the_duty_is_off_without_a_stripe_to_ask(fake, customer, settings, off):
+    settings.STRIPE_RECONCILE_INTERVAL_SECONDS = 900
+    for name, value in off.items():
+        setattr(settings, name, value)
     fake.add_event(paid_event(customer))
 
     assert Worker(name="w1").tick().done["stripe_reconcile"] == 0
