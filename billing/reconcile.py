@@ -159,16 +159,51 @@ def _pages(
         starting_after = str(items[-1]["id"])
 
 
-def events_list(
-    *, client: stripe.StripeClient, since: datetime, limit: int = PAGE_SIZE
-) -> list[dict[str, Any]]:
-    """Every handled event created at or after `since`, oldest first (ties: Stripe's order)."""
+@dataclass
+class Listing:
+    """What listing found: the events not recorded yet (oldest first), and of the ones already
+    recorded only how many and the newest time (30 days of events need not sit in memory)."""
+
+    missed: list[dict[str, Any]]
+    recorded: int
+    newest_recorded: datetime | None
+
+
+def events_list(*, client: stripe.StripeClient, since: datetime, limit: int = PAGE_SIZE) -> Listing:
+    """Every handled event created at or after `since`; those dj-stripe has not recorded are
+    returned oldest first (ties: Stripe's order reversed)."""
+    from djstripe.models import Event
+
     params: dict[str, Any] = {
         "types": list(services.ENABLED_EVENTS),
         "created": {"gte": int(since.timestamp())},
     }
-    newest_first = list(_pages(client.v1.events.list, params, limit=limit))
-    return list(reversed(newest_first))
+    listing = Listing(missed=[], recorded=0, newest_recorded=None)
+    page: list[dict[str, Any]] = []
+
+    def sift() -> None:
+        known = set(
+            Event.objects.filter(id__in=[str(e.get("id")) for e in page]).values_list(
+                "id", flat=True
+            )
+        )
+        for event in page:
+            if event.get("id") not in known:
+                listing.missed.append(event)
+                continue
+            listing.recorded += 1
+            created = _to_datetime(event.get("created"))
+            if created and (listing.newest_recorded is None or created > listing.newest_recorded):
+                listing.newest_recorded = created
+        page.clear()
+
+    for event in _pages(client.v1.events.list, params, limit=limit):
+        page.append(event)
+        if len(page) >= limit:
+            sift()
+    sift()
+    listing.missed.reverse()
+    return listing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,11 +410,12 @@ def reconcile_run(
     # dj-stripe needs the key's account row; for a test key it is recorded offline.
     services.stripe_account_record(api_key=settings.STRIPE_SECRET_KEY)
     try:
-        events = events_list(client=client, since=start, limit=page_size)
-        report.listed = len(events)
+        listing = events_list(client=client, since=start, limit=page_size)
+        report.listed = listing.recorded + len(listing.missed)
+        report.already_recorded = listing.recorded
         oldest_failed: datetime | None = None
-        newest_done: datetime | None = None
-        for data in events:
+        newest_done = listing.newest_recorded
+        for data in listing.missed:
             created = _to_datetime(data.get("created")) or now
             try:
                 if event_process(data=data):
