@@ -7,7 +7,13 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from billing import services
-from billing.models import BillingDrift, OperatorCase, UnfulfillablePayment, UnmatchedEndingEvent
+from billing.models import (
+    BillingDrift,
+    OperatorCase,
+    StripeCatchUp,
+    UnfulfillablePayment,
+    UnmatchedEndingEvent,
+)
 
 _Case = TypeVar("_Case", bound=OperatorCase)
 
@@ -168,3 +174,24 @@ class BillingDriftAdmin(admin.ModelAdmin[BillingDrift]):
         rows = list(queryset)
         done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
         self.message_user(request, f"Resolved {done} of {len(rows)} cases.")
+
+
+@admin.register(StripeCatchUp)
+class StripeCatchUpAdmin(admin.ModelAdmin[StripeCatchUp]):
+    """What the Stripe catch-up did because no webhook had: events it processed first, paid
+    sessions it fulfilled with no event. A growing list means webhook delivery is broken."""
+
+    list_display = ["created_at", "kind", "stripe_id", "event_type", "stripe_created_at"]
+    list_filter = ["kind", "event_type", "created_at"]
+    search_fields = ["stripe_id"]
+    date_hierarchy = "created_at"
+    readonly_fields = ["created_at", "kind", "stripe_id", "event_type", "stripe_created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rows come from the catch-up only
+
+    def has_change_permission(self, request: HttpRequest, obj: StripeCatchUp | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: StripeCatchUp | None = None) -> bool:
+        return False

@@ -42,19 +42,23 @@ def reconcile_metrics(now: datetime) -> Iterator[Any]:
 
 def reconcile_cards(now: datetime) -> list[OverviewCard]:
     status = selectors.reconcile_status()
-    try:
-        cases_url: str | None = reverse("admin:billing_unfulfillablepayment_changelist")
-    except NoReverseMatch:
-        cases_url = None
     return [
         OverviewCard(
             label="Stripe events caught up (no webhook)",
             value=str(status.events_caught_up + status.sessions_fulfilled),
+            url=_url("admin:billing_stripecatchup_changelist"),
         ),
         OverviewCard(
             label="paid sessions without agent",
             value=str(status.paid_sessions_without_agent),
-            url=cases_url,
+            url=_url("admin:billing_unfulfillablepayment_changelist"),
             alert=status.paid_sessions_without_agent > 0,
         ),
     ]
+
+
+def _url(name: str) -> str | None:
+    try:
+        return reverse(name)
+    except NoReverseMatch:
+        return None

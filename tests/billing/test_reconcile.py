@@ -451,6 +451,10 @@ def test_the_admin_overview_shows_the_catch_up(fake, customer, admin_client):
 
     assert "Stripe events caught up (no webhook)" in page
     assert "paid sessions without agent" in page
+    assert "/admin/billing/stripecatchup/" in page
+    listing = admin_client.get("/admin/billing/stripecatchup/")
+    assert listing.status_code == 200
+    assert StripeCatchUp.objects.get().stripe_id in listing.content.decode()
 
 
 # --- billing drift ----------------------------------------------------------------------------
