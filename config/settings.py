@@ -368,6 +368,12 @@ BILLING_LOCAL_CHECKOUT = env.bool(
 STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
 if STRIPE_API_BASE:
     STRIPE_API_HOST = STRIPE_API_BASE
+# How often the worker lists Stripe's events and paid Checkout sessions to catch up on missed
+# webhook deliveries (billing.reconcile); 0 turns the duty off (`manage.py stripe_reconcile` still
+# works). How many days of completed sessions the audit compares with agents: longer than the 30
+# days Stripe keeps events, so a purchase whose event is gone is still found.
+STRIPE_RECONCILE_INTERVAL_SECONDS = env.int("STRIPE_RECONCILE_INTERVAL_SECONDS", default=900)
+STRIPE_SESSION_AUDIT_DAYS = env.int("STRIPE_SESSION_AUDIT_DAYS", default=35)
 DJSTRIPE_FOREIGN_KEY_TO_FIELD = "id"
 DJSTRIPE_USE_NATIVE_JSONFIELD = True
 
