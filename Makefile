@@ -43,6 +43,7 @@ fmt: install
 ## one answers: DATABASE_URL if set, else postgres://postgres@127.0.0.1:5432/agent_provisioning_test
 ## (created if missing); SQLite only when none answers (the last line then says what was skipped).
 test: install lint
+	@mkdir -p var
 	@url="$$($(PY) tests/database.py)" || exit 1; \
 	if [ -n "$$url" ]; then export DATABASE_URL="$$url"; else unset DATABASE_URL; fi; \
 	set -x; \

@@ -7,7 +7,13 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from billing import services
-from billing.models import OperatorCase, UnfulfillablePayment, UnmatchedEndingEvent
+from billing.models import (
+    BillingDrift,
+    OperatorCase,
+    StripeCatchUp,
+    UnfulfillablePayment,
+    UnmatchedEndingEvent,
+)
 
 _Case = TypeVar("_Case", bound=OperatorCase)
 
@@ -125,3 +131,67 @@ class UnmatchedEndingEventAdmin(admin.ModelAdmin[UnmatchedEndingEvent]):
         rows = list(queryset)
         done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
         self.message_user(request, f"Resolved {done} of {len(rows)} events.")
+
+
+@admin.register(BillingDrift)
+class BillingDriftAdmin(admin.ModelAdmin[BillingDrift]):
+    """Subscriptions Stripe still bills whose agent has ended, found by the Stripe catch-up's
+    drift check. Nothing was changed: refund or cancel in Stripe, or rebuild the agent, then
+    mark the row resolved."""
+
+    list_display = [
+        "created_at",
+        "stripe_subscription_id",
+        "subscription_status",
+        "agent_id",
+        "detail",
+        "resolved_at",
+    ]
+    list_filter = [ResolvedFilter, "reason", "created_at"]
+    search_fields = ["stripe_subscription_id", "stripe_customer_id", "agent_id"]
+    date_hierarchy = "created_at"
+    readonly_fields = [
+        "stripe_event_id",
+        "stripe_subscription_id",
+        "stripe_customer_id",
+        "agent_id",
+        "subscription_status",
+        "reason",
+        "detail",
+        "payload",
+        "created_at",
+        "resolved_at",
+        "resolved_by",
+    ]
+    fields = [*readonly_fields, "note"]
+    actions = ["mark_resolved"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rows come from the drift check only
+
+    @admin.action(description="Mark selected cases resolved", permissions=["change"])
+    def mark_resolved(self, request: HttpRequest, queryset: QuerySet[BillingDrift]) -> None:
+        rows = list(queryset)
+        done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
+        self.message_user(request, f"Resolved {done} of {len(rows)} cases.")
+
+
+@admin.register(StripeCatchUp)
+class StripeCatchUpAdmin(admin.ModelAdmin[StripeCatchUp]):
+    """What the Stripe catch-up did because no webhook had: events it processed first, paid
+    sessions it fulfilled with no event. A growing list means webhook delivery is broken."""
+
+    list_display = ["created_at", "kind", "stripe_id", "event_type", "stripe_created_at"]
+    list_filter = ["kind", "event_type", "created_at"]
+    search_fields = ["stripe_id"]
+    date_hierarchy = "created_at"
+    readonly_fields = ["created_at", "kind", "stripe_id", "event_type", "stripe_created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rows come from the catch-up only
+
+    def has_change_permission(self, request: HttpRequest, obj: StripeCatchUp | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: StripeCatchUp | None = None) -> bool:
+        return False

@@ -34,3 +34,15 @@ class BillingConfig(AppConfig):
             ("charge.dispute.created", handle_charge_dispute_event),
         ):
             WEBHOOK_SIGNALS[name].disconnect(receiver=handler, sender=Event)
+
+        # The Stripe catch-up: a worker duty, its figures on /metrics and the admin overview.
+        # Handed to provisioning here because provisioning never imports billing.
+        from billing import ops, reconcile
+        from provisioning import worker
+        from provisioning.admin import jobs as jobs_admin
+        from provisioning.ops import metrics
+
+        reconcile.connect_signals()
+        worker.duty_register("stripe_reconcile", reconcile.reconcile_duty)
+        metrics.collector_register("stripe_reconcile", ops.reconcile_metrics)
+        jobs_admin.overview_card_register("stripe_reconcile", ops.reconcile_cards)

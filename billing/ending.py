@@ -28,7 +28,13 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from billing.models import KnownCharge, UnmatchedEndingEvent, UnmatchedReason
+from billing.models import (
+    BillingDrift,
+    DriftReason,
+    KnownCharge,
+    UnmatchedEndingEvent,
+    UnmatchedReason,
+)
 from provisioning import services as provisioning_services
 from provisioning.models import Actor, Agent, ProvisioningJob
 
@@ -319,6 +325,59 @@ def _unmatched(
     except IntegrityError:
         row = UnmatchedEndingEvent.objects.get(stripe_event_id=event_id)
     return EndingResult(unmatched=row)
+
+
+# Stripe statuses of a subscription that will never bill again.
+SUBSCRIPTION_ENDED_STATUSES = ("canceled", "incomplete_expired")
+SUBSCRIPTION_BILLING_STATUSES = ("active", "trialing", "past_due")
+DRIFT_ENDED_REASON = "subscription ended while events were missed"
+
+
+def subscription_ended_unnoticed(*, agent: Agent, subscription: dict[str, Any]) -> EndingResult:
+    """An agent still up although Stripe says its subscription ended (its ending event was lost):
+    end it through the same path as the event would have, with no event id."""
+    job = provisioning_services.agent_end(
+        agent_id=agent.pk, actor=Actor.STRIPE, reason=DRIFT_ENDED_REASON
+    )
+    logger.warning(
+        "subscription %s is %s in Stripe but agent %s was up: ended; deprovision job %s",
+        _id_of(subscription),
+        subscription.get("status"),
+        agent.pk,
+        job.pk,
+    )
+    return EndingResult(agent=agent, job=job)
+
+
+def billing_after_end_record(*, agent: Agent, subscription: dict[str, Any]) -> BillingDrift:
+    """A subscription Stripe still bills whose agent has ended: one operator case per
+    subscription (a later check finds it and adds nothing)."""
+    subscription_id = _id_of(subscription)
+    status = str(subscription.get("status") or "")
+    fields = {
+        "event_type": "billing.drift",
+        "reason": DriftReason.ACTIVE_AFTER_END,
+        "stripe_subscription_id": subscription_id[:255],
+        "stripe_customer_id": _id_of(subscription.get("customer"))[:255],
+        "agent_id": str(agent.pk),
+        "subscription_status": status[:32],
+        "detail": (
+            f"subscription {subscription_id} is {status} in Stripe but agent {agent.pk} ended "
+            f"({agent.end_reason or 'no reason recorded'}): the customer is still billed"
+        ),
+        "payload": subscription,
+    }
+    case_id = f"drift:{subscription_id}"[:255]
+    try:
+        with transaction.atomic():
+            case, created = BillingDrift.objects.get_or_create(
+                stripe_event_id=case_id, defaults=fields
+            )
+    except IntegrityError:
+        case, created = BillingDrift.objects.get(stripe_event_id=case_id), False
+    if created:
+        logger.warning("billing drift: %s", fields["detail"])
+    return case
 
 
 def end_if_already_cancelled(*, agent: Agent) -> EndingResult | None:

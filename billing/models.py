@@ -127,6 +127,33 @@ class UnmatchedEndingEvent(OperatorCase):
         ]
 
 
+class DriftReason(models.TextChoices):
+    ACTIVE_AFTER_END = "active_after_end", "Subscription active, agent ended"
+
+
+class BillingDrift(OperatorCase):
+    """Stripe and our agents disagree in a way we must not fix by guessing: a subscription Stripe
+    still bills (active, trialing, past due) whose agent has ended. Refund, cancel the
+    subscription in Stripe or rebuild the agent — an operator decides. Found by the Stripe
+    catch-up's drift check, not by an event: `stripe_event_id` is `drift:<subscription id>`,
+    so one subscription makes one case however often the check sees it.
+    """
+
+    stripe_subscription_id = models.CharField(max_length=255, db_index=True)
+    stripe_customer_id = models.CharField(max_length=255, blank=True, default="")
+    agent_id = models.CharField(max_length=64, blank=True, default="")  # the ended agent
+    subscription_status = models.CharField(max_length=32, blank=True, default="")
+    reason = models.CharField(max_length=32, choices=DriftReason)
+
+    class Meta(OperatorCase.Meta):
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(reason__in=DriftReason.values), name="billing_drift_reason_valid"
+            ),
+        ]
+
+
 class KnownCharge(models.Model):
     """Whose a charge is, as a signed `charge.*` event said (customer, and subscription when the
     payload carried it).
@@ -144,3 +171,55 @@ class KnownCharge(models.Model):
 
     def __str__(self) -> str:
         return self.charge_id
+
+
+class StripeReconcileState(models.Model):
+    """The Stripe catch-up's one row (`name` "default"): where the next run starts, what the last
+    one found, and the lease that lets one worker at a time run it.
+
+    `watermark`: the newest event time fully processed, minus a safety overlap (events appear in
+    Stripe's list slightly out of order); the next run lists events created at or after it.
+    """
+
+    name = models.CharField(max_length=32, unique=True, default="default")
+    watermark = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    # Paid sessions the last audit found with no agent that it could not fulfil (each has an open
+    # UnfulfillablePayment, or its event is still being processed).
+    paid_sessions_without_agent = models.PositiveIntegerField(default=0)
+    # The drift check asks Stripe about a batch of subscriptions per run, in subscription-id
+    # order from here ("" = from the start), so every agent is checked in turn.
+    subscription_cursor = models.CharField(max_length=255, blank=True, default="")
+
+    def __str__(self) -> str:
+        return f"stripe reconcile ({self.name})"
+
+
+class CatchUpKind(models.TextChoices):
+    EVENT = "event", "Event caught up"
+    SESSION = "session", "Paid session fulfilled by the audit"
+
+
+class StripeCatchUp(models.Model):
+    """Something the reconciler did because a webhook did not: an event it processed first (the
+    Event row was inserted by the reconciler, not by a delivery), or a paid session it fulfilled
+    with no event at all. One row per Stripe id; written in the same transaction as the work."""
+
+    stripe_id = models.CharField(max_length=255, unique=True)  # evt_… or cs_…
+    kind = models.CharField(max_length=16, choices=CatchUpKind)
+    event_type = models.CharField(max_length=100, blank=True, default="")
+    stripe_created_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(kind__in=CatchUpKind.values), name="stripe_catch_up_kind_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.stripe_id} ({self.kind})"

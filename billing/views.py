@@ -33,7 +33,8 @@ from provisioning.models import Region
 
 logger = logging.getLogger(__name__)
 
-AFTER_PAYMENT_URL = "/agents/"
+# The dashboard's list, told to confirm the payment ("payment received, being built").
+AFTER_PAYMENT_URL = "/agents/?checkout=success"
 
 CHECKOUT_UNAVAILABLE_MESSAGE = (
     "We could not reach our payment provider just now, so nothing was charged. "
@@ -55,7 +56,9 @@ def agent_buy(request: HttpRequest) -> HttpResponse:
                 user=request.user,
                 agent_name=form.cleaned_data["name"],
                 region=form.cleaned_data["region"],
-                success_url=request.build_absolute_uri(reverse("dashboard:agent-list")),
+                success_url=request.build_absolute_uri(
+                    reverse("dashboard:agent-list") + "?checkout=success"
+                ),
                 cancel_url=request.build_absolute_uri(reverse("dashboard:agent-buy")),
             )
         except services.PurchaseInvalid as exc:
@@ -69,7 +72,20 @@ def agent_buy(request: HttpRequest) -> HttpResponse:
             status = 503
         else:
             return HttpResponseRedirect(checkout_url)
-    return render(request, "billing/agent_buy.html", {"form": form}, status=status)
+    return render(
+        request, "billing/agent_buy.html", {"form": form, "price": price_label()}, status=status
+    )
+
+
+def price_label() -> str:
+    """What an agent costs, for the buy page: the pinned price, or the stand-in's under make run.
+
+    Empty when production has not pinned STRIPE_PRICE_AMOUNT (Checkout then shows the price).
+    """
+    if not (settings.STRIPE_PRICE_AMOUNT or settings.BILLING_LOCAL_CHECKOUT):
+        return ""
+    amount = sample_events.price_amount() / 100
+    return f"{sample_events.price_currency().upper()} {amount:,.2f} per month"
 
 
 def _base_template() -> str:

@@ -47,7 +47,7 @@ CSRF_TRUSTED_ORIGINS = env.list(
 )
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "config.admin.OperatorAdminConfig",  # django.contrib.admin, with the console's app order
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -328,6 +328,18 @@ LOCAL_RUNNER_COMMAND = env.list("LOCAL_RUNNER_COMMAND", default=[])
 # Extra environment for local runs (tests point the runner at their own fakes); not from the env.
 LOCAL_RUNNER_EXTRA_ENV: dict[str, str] = {}
 
+# --- Operator alerts: a job failed for good ----------------------------------------------------
+# Email goes to these addresses, else to every active staff user with an email address.
+OPERATOR_ALERT_EMAILS = env.list("OPERATOR_ALERT_EMAILS", default=[])
+# Optional: a JSON POST per failed job (e.g. a Slack incoming webhook URL).
+OPERATOR_ALERT_WEBHOOK_URL = env.str("OPERATOR_ALERT_WEBHOOK_URL", default="")
+# Mail: EMAIL_URL (smtp://user:password@host:587/?tls=True); `make run` prints mail to its output.
+vars().update(
+    env.email_url("EMAIL_URL", default="consolemail://" if DEBUG else "smtp://localhost:25")
+)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="agent-provisioning@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
 # --- Monitoring ----------------------------------------------------------------------------------
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
@@ -359,6 +371,12 @@ BILLING_LOCAL_CHECKOUT = env.bool(
 STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
 if STRIPE_API_BASE:
     STRIPE_API_HOST = STRIPE_API_BASE
+# How often the worker lists Stripe's events and paid Checkout sessions to catch up on missed
+# webhook deliveries (billing.reconcile); 0 turns the duty off (`manage.py stripe_reconcile` still
+# works). How many days of completed sessions the audit compares with agents: longer than the 30
+# days Stripe keeps events, so a purchase whose event is gone is still found.
+STRIPE_RECONCILE_INTERVAL_SECONDS = env.int("STRIPE_RECONCILE_INTERVAL_SECONDS", default=900)
+STRIPE_SESSION_AUDIT_DAYS = env.int("STRIPE_SESSION_AUDIT_DAYS", default=35)
 DJSTRIPE_FOREIGN_KEY_TO_FIELD = "id"
 DJSTRIPE_USE_NATIVE_JSONFIELD = True
 

@@ -4,7 +4,10 @@ its schema, monitoring, and the customer dashboard."""
 from csp.constants import UNSAFE_INLINE
 from csp.decorators import csp_update
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import include, path
+from django.utils.functional import lazy
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from billing import urls as billing_urls
@@ -15,6 +18,13 @@ from provisioning.web import urls as dashboard_urls
 dashboard = (dashboard_urls.urlpatterns + billing_urls.dashboard_urlpatterns, "dashboard")
 
 urlpatterns = [
+    # Every browser asks for /favicon.ico whatever the page links: answer it, not a 404. Resolved
+    # at request time: the static manifest may not exist when the URLconf is imported.
+    path(
+        "favicon.ico",
+        RedirectView.as_view(url=lazy(static, str)("img/favicon.svg"), permanent=True),
+        name="favicon",
+    ),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     # dj-stripe's webhook view behind a body check (billing/webhook.py); same path and name.

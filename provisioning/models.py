@@ -30,6 +30,7 @@ __all__ = [
     "JobEvent",
     "JobKind",
     "JobStatus",
+    "OperatorAlert",
     "ProvisioningJob",
     "Region",
     "Step",
@@ -417,3 +418,36 @@ class WorkerBeat(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class OperatorAlert(models.Model):
+    """A job that failed for good, owed to operators (email and the optional webhook).
+
+    Written in the same transaction as the failing move, sent by the worker's `alerts` duty: one
+    row per failed attempt, so each failure is announced once, and every failure of one tick goes
+    out in one email (a storm of failures is one message, not hundreds).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    job = models.ForeignKey(ProvisioningJob, on_delete=models.CASCADE, related_name="alerts")
+    attempt = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+    posted_at = models.DateTimeField(null=True, blank=True)  # OPERATOR_ALERT_WEBHOOK_URL
+    tries = models.PositiveSmallIntegerField(default=0)  # sending attempts that failed
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["job", "attempt"], name="one_alert_per_failed_attempt"),
+        ]
+        indexes = [
+            # The duty's "what is still owed": small, since sent rows leave it.
+            models.Index(
+                fields=["id"],
+                condition=Q(emailed_at__isnull=True) | Q(posted_at__isnull=True),
+                name="operator_alert_owed",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"alert for job {self.job_id} attempt {self.attempt}"

@@ -39,6 +39,16 @@ logger = logging.getLogger(__name__)
 # A worker row nobody has updated for this long belongs to a process that is gone.
 BEAT_RETENTION = timedelta(days=7)
 
+# Duties other apps add (their AppConfig.ready() calls duty_register): provisioning imports no
+# app above it, so billing's Stripe catch-up is handed to the worker rather than imported by it.
+# Each returns how much it did; it keeps its own interval (a no-op tick returns 0).
+EXTRA_DUTIES: dict[str, Callable[[], int]] = {}
+
+
+def duty_register(name: str, duty: Callable[[], int]) -> None:
+    """Run `duty` on every tick after the worker's own duties (same name: replaced, not doubled)."""
+    EXTRA_DUTIES[name] = duty
+
 
 def _refresh_connections() -> None:
     """What Django does around each request: drop connections past CONN_MAX_AGE or broken.
@@ -88,6 +98,8 @@ class Worker:
             ),
             ("cleanup", lambda: services.job_send_cleanup(backend=self.backend)),
             ("reconcile", self.reconcile),
+            ("alerts", services.operator_alerts_send),
+            *EXTRA_DUTIES.items(),
         ]
 
     def tick(self) -> TickReport:
@@ -102,7 +114,7 @@ class Worker:
                 # A broken connection must not poison the next duty.
                 _refresh_connections()
         self.ticks += 1
-        if any(report.done.get(k) for k in ("timeout", "dispatch", "cleanup", "reconcile")):
+        if any(count for name, count in report.done.items() if name != "beat"):
             logger.info("worker %s tick %d: %s", self.name, self.ticks, report.done)
         return report
 

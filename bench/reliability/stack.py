@@ -70,6 +70,8 @@ class Stack:
     threads: int = 4
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Added to (and overriding) env(): e.g. a loopback Stripe API for the catch-up case.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -114,8 +116,11 @@ class Stack:
                 ),
                 "LOG_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1",
+                # No Stripe API here: the catch-up duty is off unless a case serves a fake one.
+                "STRIPE_RECONCILE_INTERVAL_SECONDS": "0",
             }
         )
+        env.update(self.extra_env)
         return env
 
     def manage(self, *args: str, timeout: float = 120) -> str:

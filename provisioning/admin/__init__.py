@@ -4,6 +4,6 @@ State is read-only here; operators change it only through actions that call serv
 (provisioning.services) and leave a JobEvent naming them. Built for tables of millions of rows.
 """
 
-from provisioning.admin import agents, capacity, jobs
+from provisioning.admin import agents, alerts, capacity, jobs
 
-__all__ = ["agents", "capacity", "jobs"]
+__all__ = ["agents", "alerts", "capacity", "jobs"]

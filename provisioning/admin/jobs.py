@@ -497,6 +497,35 @@ def _djstripe_event_url(stripe_event_id: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class OverviewCard:
+    """A figure another app shows above the job list (billing's Stripe catch-up)."""
+
+    label: str
+    value: str
+    url: str | None = None
+    alert: bool = False  # drawn as an alert: an operator should look
+
+
+# Cards other apps add (their AppConfig.ready() calls overview_card_register): provisioning
+# imports no app above it. Each is called when the list renders, with the render's `now`.
+OVERVIEW_CARDS: dict[str, Callable[[datetime], list[OverviewCard]]] = {}
+
+
+def overview_card_register(name: str, cards: Callable[[datetime], list[OverviewCard]]) -> None:
+    OVERVIEW_CARDS[name] = cards
+
+
+def _extra_cards(now: datetime) -> list[OverviewCard]:
+    cards: list[OverviewCard] = []
+    for name, make in OVERVIEW_CARDS.items():
+        try:
+            cards.extend(make(now))
+        except DatabaseError as exc:  # a table not migrated here: the console still works
+            logger.warning("overview cards %s: %s", name, exc)
+    return cards
+
+
+@dataclass(frozen=True)
 class StatusCount:
     status: str
     label: str
@@ -539,6 +568,7 @@ def job_overview(*, now: datetime) -> dict[str, Any]:
         "stale_count": selectors.job_list_stale(now=now).count(),
         "timeout": duration(settings.JOB_TIMEOUT_SECONDS),
         "unfulfillable": _unfulfillable_payments(),
+        "cards": _extra_cards(now),
         "capacity_hold": _capacity_hold(now=now),
     }
 

@@ -8,7 +8,7 @@ to a small set of rows.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +28,15 @@ OUTCOME_WINDOW = timedelta(hours=24)
 # Bounds the 24 h outcome queries by created_at so they use the (-created_at) index instead of
 # scanning every finished job; a job finished today but created over a week ago is not counted.
 OUTCOME_CREATED_LOOKBACK = timedelta(days=7)
+
+
+# Figures other apps add (their AppConfig.ready() calls collector_register): provisioning imports
+# no app above it. Each is called at scrape time with the scrape's `now` and yields metric families.
+EXTRA_COLLECTORS: dict[str, Callable[[datetime], Iterable[Any]]] = {}
+
+
+def collector_register(name: str, collect: Callable[[datetime], Iterable[Any]]) -> None:
+    EXTRA_COLLECTORS[name] = collect
 
 
 def worker_stale_after() -> float:
@@ -57,6 +66,8 @@ class JobCollector(Collector):
         yield from self._outcomes(now)
         yield from self._worker(now)
         yield from self._capacity(now)
+        for collect in EXTRA_COLLECTORS.values():
+            yield from collect(now)
 
     def _by_status(self, now: datetime) -> Iterator[Any]:
         # Exact counts that stay cheap at any table size: queued and provisioning rows are few

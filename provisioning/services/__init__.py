@@ -9,6 +9,7 @@ why.
   operator    job_cancel, job_retry, job_redispatch, job_force_timeout
   lifecycle   agent_end
   reconcile   job_reconcile_runs
+  alerts      operator_alerts_send (a job failed for good: email, optional webhook)
   capacity    capacity_hold_place, capacity_hold_lift (Hetzner's server limit)
   common      what several need: Run/RunRef, recording a move's event, the one fail path
 
@@ -18,6 +19,7 @@ nothing. Nothing here calls another system while holding a row lock: dispatches 
 cancellations happen after commit.
 """
 
+from provisioning.services.alerts import operator_alerts_send
 from provisioning.services.callbacks import (
     job_authorize_cleanup,
     job_claim,
@@ -72,4 +74,5 @@ __all__ = [
     "job_send_cleanup",
     "job_timeout_if_stale",
     "job_timeout_stale",
+    "operator_alerts_send",
 ]

@@ -26,6 +26,7 @@ from provisioning.errors import (
     WrongRun,
 )
 from provisioning.models import JobEvent, ProvisioningJob, UsedTokenId
+from provisioning.services.alerts import alert_record
 from provisioning.state import Move, fail_move
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,8 @@ def fail_locked(
         fields += ["completed_at"]
         outcome = "no retries left"
     job.save(update_fields=fields)
+    if job.is_failed:
+        alert_record(job)  # operators hear of it (the worker's alerts duty sends it)
     record_move(
         job,
         move,

@@ -128,8 +128,8 @@ def _step_rows(job: ProvisioningJob | None) -> list[StepRow]:
 def _queued_sentence(job: ProvisioningJob) -> str:
     if job.retry_count:
         return (
-            f"The last attempt did not finish ({step_message(job.failed_step, failed=True)}) "
-            "We are trying again automatically."
+            f"{step_message(job.failed_step, failed=True).rstrip('.')}, "
+            "so we are trying again automatically."
         )
     return "Waiting for a build machine."
 

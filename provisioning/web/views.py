@@ -50,6 +50,11 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def agent_list(request: HttpRequest) -> HttpResponse:
+    if request.GET.get("checkout") == "success":  # back from Checkout (Stripe's or the stand-in)
+        messages.success(
+            request,
+            "Payment received: your agent is being built. It appears below and updates by itself.",
+        )
     rows = [_agent_context(a) for a in selectors.agent_list_for_user(user=request.user)]
     return render(
         request,

@@ -116,7 +116,7 @@ def test_stripe_send_test_event_posts_a_signed_event_to_a_running_server(
         url,
     )
 
-    assert ": 200 " in output
+    assert "HTTP 200" in output
     agent = Agent.objects.get()
     assert (agent.owner, agent.name, agent.region) == (customer, "helper", "us-west")
     assert agent.jobs.count() == 1

@@ -383,7 +383,7 @@ def test_stripe_send_test_event_ends_the_customers_latest_agent(
 
     output = _run("stripe_send_test_event", type_, "--customer", "ada", "--url", url)
 
-    assert f"{type_} " in output and ": 200 " in output
+    assert f"{type_} " in output and "HTTP 200" in output
     latest.refresh_from_db()
     older.refresh_from_db()
     assert (latest.is_ended, latest.end_reason) == (True, reason)

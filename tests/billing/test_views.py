@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 
 import pytest
 from django.test import Client
+from django.urls import reverse
 
 from billing.views import LocalCheckoutView
 from provisioning.models import Agent
@@ -55,7 +56,7 @@ def test_paying_sends_a_signed_event_and_the_agent_appears(local_checkout, endpo
     )
 
     assert response.status_code == 302
-    assert response["Location"] == "/agents/"
+    assert response["Location"] == "/agents/?checkout=success"
     agent = Agent.objects.get()
     assert (agent.owner, agent.name, agent.region) == (user, "helper", "eu-central")
     assert agent.jobs.count() == 1
@@ -150,3 +151,17 @@ def test_buying_while_stripe_is_unreachable_shows_a_friendly_error(customer_clie
     assert response.status_code == 503
     assert "We could not reach our payment provider just now" in response.content.decode()
     assert 'value="helper"' in response.content.decode()
+
+
+def test_the_buy_page_shows_the_price_and_the_return_confirms_the_payment(db, client, settings):
+    settings.STRIPE_PRICE_AMOUNT = 2900
+    settings.STRIPE_PRICE_CURRENCY = "eur"
+    client.force_login(UserFactory())
+
+    buy = client.get(reverse("dashboard:agent-buy")).content.decode()
+    back = client.get(reverse("dashboard:agent-list") + "?checkout=success").content.decode()
+    plain = client.get(reverse("dashboard:agent-list")).content.decode()
+
+    assert "EUR 29.00 per month" in buy
+    assert "Payment received: your agent is being built." in back
+    assert "Payment received" not in plain

@@ -243,3 +243,21 @@ def test_only_healthz_answers_over_plain_http_when_https_is_enforced(
     assert (response.status_code == 301) is redirected
     if redirected:
         assert response["Location"].startswith("https://")
+
+
+def test_favicon_ico_answers_with_the_icon(client, db):
+    answer = client.get("/favicon.ico", follow=True)
+
+    assert answer.redirect_chain and answer.redirect_chain[0][1] == 301
+    assert answer.status_code == 200
+    assert b"<svg" in b"".join(answer.streaming_content)
+
+
+def test_a_missing_secret_key_is_one_line_not_a_traceback():
+    result = _run(["manage.py", "check"], {"DJANGO_DEBUG": "0"})
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Configuration error: DJANGO_SECRET_KEY is not set. Production needs a real secret; "
+        "for local work use `make run`, which sets DJANGO_DEBUG=1 and a throwaway key."
+    ]

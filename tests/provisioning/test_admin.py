@@ -521,7 +521,7 @@ def test_the_paginator_estimates_a_big_unfiltered_table_on_postgres(monkeypatch)
         cursor.execute("ANALYZE provisioning_provisioningjob")
     monkeypatch.setattr(EstimatedCountPaginator, "EXACT_LIMIT", 3)
 
-    paginator = EstimatedCountPaginator(ProvisioningJob.objects.all(), 2)
+    paginator = EstimatedCountPaginator(ProvisioningJob.objects.order_by("-created_at"), 2)
 
     assert paginator.count >= 4
     assert paginator.is_estimate
@@ -631,3 +631,16 @@ def test_end_agent_is_offered_with_its_permission(client, ender):
     AgentFactory()
 
     assert "end_agents" in offered_actions(client.get(AGENTS))
+
+
+def test_the_admin_home_lists_the_console_first_and_stripe_last(admin_client):
+    page = admin_client.get("/admin/").content.decode()
+
+    positions = [
+        page.index(f'class="app-{label} module')
+        for label in ("provisioning", "billing", "djstripe")
+    ]
+    assert positions == sorted(positions)
+    jobs, agents = page.index("Provisioning jobs"), page.index(">Agents<")
+    assert jobs < agents
+    assert "Stripe mirror (dj-stripe)" in page

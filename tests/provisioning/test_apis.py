@@ -563,8 +563,8 @@ def test_reading_an_agent_times_out_its_silent_job(api, backend, settings):
     assert body["job"]["retry_count"] == 1
     assert body["job"]["attempt"] == 2
     assert body["message"] == (
-        "The last attempt did not finish (The build stopped reporting progress and was stopped.) "
-        "We are trying again automatically."
+        "The build stopped reporting progress and was stopped, "
+        "so we are trying again automatically."
     )
     assert JobEvent.objects.filter(job=job, action=JobEvent.Action.TIMEOUT).count() == 1
 

@@ -272,8 +272,10 @@ def test_a_retry_shows_the_attempt_and_how_many_retries_are_spent(
     services.job_claim(job_id=job.pk, attempt=job.attempt, run=run)
     provisioning_page = html(customer_client.get(detail_url(agent)))
 
-    assert "Our cloud provider could not create your server." in queued_page
-    assert "We are trying again automatically." in queued_page
+    assert (
+        "Our cloud provider could not create your server, so we are trying again automatically."
+        in queued_page
+    )
     assert "Attempt 2, retry 1 of 3." in queued_page
     assert 'data-state="provisioning"' in provisioning_page
     assert "Attempt 2, retry 1 of 3." in provisioning_page
@@ -326,6 +328,7 @@ def test_an_ended_agent_says_it_ended_and_why(customer_client, agent, backend):
     assert 'data-state="ended"' in page
     assert "This agent has ended: subscription cancelled." in page
     assert "Re-provision" not in page
+    assert 'class="steps"' not in page  # its build steps no longer read as "done"
 
 
 # --- the htmx partial ------------------------------------------------------------------------
@@ -375,7 +378,9 @@ def test_reading_a_silent_job_times_it_out_on_demand(customer_client, agent, bac
     assert job.status == JobStatus.QUEUED
     assert job.failed_step == Step.TIMEOUT
     assert JobEvent.objects.filter(job=job, action=JobEvent.Action.TIMEOUT).count() == 1
-    assert "The build stopped reporting progress and was stopped." in html(response)
+    assert "The build stopped reporting progress and was stopped, so we are trying again" in html(
+        response
+    )
 
 
 def test_reading_a_healthy_job_changes_nothing(customer_client, agent, backend):

@@ -80,9 +80,12 @@ class Command(BaseCommand):
 
         for event in events:
             response = sample_events.post_event(event, url=url, secret=secret)
+            body = response.text[:200].strip()
+            # dj-stripe answers a delivery with the id of the trigger row it recorded.
+            said = f"recorded as webhook trigger {body}" if body.isdigit() else body
             self.stdout.write(
                 f"{event['type']} {event['id']} ({about}) -> {url}: "
-                f"{response.status_code} {response.text[:200]}"
+                f"HTTP {response.status_code}" + (f", {said}" if said else "")
             )
             if response.status_code >= 300:
                 raise CommandError(f"webhook answered {response.status_code}")
