@@ -193,18 +193,55 @@ def purchase_validate(*, session: dict[str, Any], livemode: bool) -> Purchase:
     )
 
 
+def _session_price_ids(session: dict[str, Any]) -> set[str]:
+    """The price ids a session payload names: its line items when present (only if expanded:
+    webhook payloads carry none), else the `price_id` we put in its metadata at checkout."""
+    found: set[str] = set()
+    line_items = session.get("line_items")
+    items = line_items.get("data") if isinstance(line_items, dict) else None
+    for item in items if isinstance(items, list) else []:
+        price = item.get("price") if isinstance(item, dict) else None
+        price_id = _id_of(price)
+        if price_id:
+            found.add(price_id)
+    metadata = session.get("metadata")
+    if not found and isinstance(metadata, dict) and isinstance(metadata.get("price_id"), str):
+        found.add(metadata["price_id"])
+    return found
+
+
 def _price_check(session: dict[str, Any]) -> None:
-    """Our price's amount and currency, when configured (STRIPE_PRICE_AMOUNT/_CURRENCY)."""
+    """Our price, when configured: its id (STRIPE_PRICE_ID) when the payload names one, else its
+    amount and currency (STRIPE_PRICE_AMOUNT/_CURRENCY).
+
+    The id first: with a trial or a free first period the subtotal is 0 whatever the price is,
+    so the amount says nothing then.
+    """
     want_currency = settings.STRIPE_PRICE_CURRENCY
     if want_currency and str(session.get("currency") or "").lower() != want_currency:
         raise PurchaseInvalid(
             UnfulfillableReason.WRONG_PRICE,
             f"currency {session.get('currency')!r}, expected {want_currency!r}",
         )
+    price_ids = _session_price_ids(session)
+    if price_ids and settings.STRIPE_PRICE_ID:
+        if price_ids != {settings.STRIPE_PRICE_ID}:
+            raise PurchaseInvalid(
+                UnfulfillableReason.WRONG_PRICE,
+                f"price {', '.join(sorted(price_ids))}, expected {settings.STRIPE_PRICE_ID}",
+            )
+        return
     want_amount = settings.STRIPE_PRICE_AMOUNT
     if want_amount is not None:
         # Before discounts and tax: a coupon or VAT must not make a real order unfulfillable.
         amount = session.get("amount_subtotal", session.get("amount_total"))
+        if amount == 0:
+            # A trial or a free first period, on a session that names no price (made before
+            # checkout recorded it): nothing to compare.
+            logger.info(
+                "session %s: subtotal 0 and no price id; price not checked", session.get("id")
+            )
+            return
         if amount != want_amount:
             raise PurchaseInvalid(
                 UnfulfillableReason.WRONG_PRICE, f"amount {amount!r}, expected {want_amount}"
@@ -372,7 +409,9 @@ def checkout_session_create(
             "mode": "subscription",
             "line_items": [{"price": settings.STRIPE_PRICE_ID, "quantity": 1}],
             "client_reference_id": str(user.pk),
-            "metadata": metadata,
+            # The price id rides in the session's metadata: webhook payloads carry no line
+            # items, and a trial's subtotal of 0 says nothing about which price was bought.
+            "metadata": {**metadata, "price_id": settings.STRIPE_PRICE_ID},
             "subscription_data": {"metadata": metadata},
             "success_url": success_url,
             "cancel_url": cancel_url,
