@@ -445,40 +445,57 @@ def local_account_id(api_key: str) -> str:
     return "acct_local" + hashlib.sha256(api_key.encode()).hexdigest()[:14]
 
 
-def stripe_account_record(*, api_key: str) -> Any:
-    """Record the Account and APIKey rows dj-stripe would fetch (`GET /v1/account`) for a test key.
+class AccountUnknown(Exception):
+    """A live key whose account cannot be recorded without being told (a restricted key)."""
 
-    Keeps webhook processing offline (tests, `make run`). Live keys are never faked: returns the
-    key's owner account if dj-stripe already knows it, else None.
+
+def stripe_account_record(*, api_key: str, account_id: str = "") -> Any:
+    """Record the Account and APIKey rows dj-stripe would fetch (`GET /v1/account`) for our key.
+
+    dj-stripe fetches them inside the first webhook that needs them; a restricted key may not
+    call `GET /v1/account` at all, so that webhook would fail (500) and Stripe retry it in vain.
+    Recorded here, webhooks never call Stripe for them. A test key gets a local stand-in
+    account (tests, `make run`); a live key gets `account_id` when given, else the account its
+    key reads once, now. A restricted live key without `account_id` raises AccountUnknown.
     """
     from djstripe.enums import APIKeyType
     from djstripe.models import Account, APIKey
 
     existing = APIKey.objects.filter(secret=api_key).select_related("djstripe_owner_account")
     key = existing.first()
-    if key is not None and key.djstripe_owner_account is not None:
-        return key.djstripe_owner_account
-    if not api_key.startswith(("sk_test_", "rk_test_")):
-        return None
-    account_id = local_account_id(api_key)
+    known = key.djstripe_owner_account if key is not None else None
+    if known is not None and (not account_id or known.id == account_id):
+        return known
+    livemode = not api_key.startswith(("sk_test_", "rk_test_"))
+    restricted = api_key.startswith("rk_")
+    stripe_data: dict[str, Any]
+    if account_id:
+        stripe_data = {"id": account_id, "object": "account"}
+    elif not livemode:
+        account_id = local_account_id(api_key)
+        stripe_data = {
+            "id": account_id,
+            "object": "account",
+            "settings": {"dashboard": {"display_name": "Local test account"}},
+        }
+    elif restricted:
+        raise AccountUnknown(
+            "a restricted key cannot read its own account: pass the account id (acct_…)"
+        )
+    else:
+        current = stripe_client().v1.accounts.retrieve_current(options={"api_key": api_key})
+        stripe_data = current.to_dict()
+        account_id = str(stripe_data["id"])
     with transaction.atomic():
         account, _ = Account.objects.get_or_create(
-            id=account_id,
-            defaults={
-                "livemode": False,
-                "stripe_data": {
-                    "id": account_id,
-                    "object": "account",
-                    "settings": {"dashboard": {"display_name": "Local test account"}},
-                },
-            },
+            id=account_id, defaults={"livemode": livemode, "stripe_data": stripe_data}
         )
         key, _ = APIKey.objects.get_or_create(
             secret=api_key,
             defaults={
-                "type": APIKeyType.restricted if api_key.startswith("rk_") else APIKeyType.secret,
-                "livemode": False,
-                "name": "local",
+                "type": APIKeyType.restricted if restricted else APIKeyType.secret,
+                "livemode": livemode,
+                "name": "local" if not livemode else "live",
             },
         )
         if key.djstripe_owner_account_id != account.pk:
@@ -495,12 +512,14 @@ def webhook_endpoint_setup(
     api_key: str,
     livemode: bool,
     api_version: str,
+    account_id: str = "",
 ) -> tuple[Any, bool]:
-    """Create or update dj-stripe's WebhookEndpoint row offline (no Stripe call). Idempotent."""
+    """Create or update dj-stripe's WebhookEndpoint row (no Stripe call but a live secret key's
+    one `GET /v1/account`, see stripe_account_record). Idempotent."""
     from djstripe.enums import WebhookEndpointStatus
     from djstripe.models import WebhookEndpoint
 
-    account = stripe_account_record(api_key=api_key) if api_key else None
+    account = stripe_account_record(api_key=api_key, account_id=account_id) if api_key else None
     values = {
         "secret": secret,
         "url": url,
