@@ -232,3 +232,27 @@ def test_steps_run_in_the_contract_order_with_timeouts_and_a_failure_handler():
     # Pinned to a commit: tests/workflows/test_supply_chain.py checks every `uses:`.
     assert checkout["uses"] == "actions/checkout@08c6903cd8c0fde910a37f88322edcfb5dd907a8"
     assert checkout["with"]["persist-credentials"] is False
+
+
+def _tasks(node):
+    """Every task of the playbook, in blocks and handlers too."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _tasks(item)
+    elif isinstance(node, dict):
+        if any(key.startswith("ansible.builtin.") for key in node):
+            yield node
+        for key in ("tasks", "pre_tasks", "post_tasks", "handlers", "block", "rescue", "always"):
+            if key in node:
+                yield from _tasks(node[key])
+
+
+def test_every_apt_task_waits_long_enough_for_the_dpkg_lock():
+    """A fresh Ubuntu runs unattended-upgrades right after boot; apt waits 60 s by default."""
+    yaml = pytest.importorskip("yaml")
+    plays = yaml.safe_load(PLAYBOOK.read_text())
+    apt_tasks = [t["ansible.builtin.apt"] for t in _tasks(plays) if "ansible.builtin.apt" in t]
+
+    assert apt_tasks
+    for task in apt_tasks:
+        assert int(task.get("lock_timeout", 60)) >= 600, task
