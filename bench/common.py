@@ -95,7 +95,7 @@ class NoopBackend:
     def get_run(self, *, run_id: str) -> None:
         return None
 
-    def find_run(self, *, job_id: UUID, attempt: int) -> None:
+    def find_run(self, *, job_id: UUID, attempt: int, mode: str = "provision") -> None:
         return None
 
     def run_url(self, *, run_id: str) -> None:

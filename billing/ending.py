@@ -5,9 +5,9 @@ payload and our database, never the Stripe API. The agent is found by the ids th
 carries:
 
 - `customer.subscription.deleted`: the subscription id → `Agent.stripe_subscription_id`.
-- `charge.refunded`: the subscription of the charge's invoice when the payload carries it
-  (an expanded invoice), else the charge's customer → the one agent of that customer that is
-  not ended yet (each Checkout session makes its own Customer).
+- `charge.refunded`: the charge's customer → the one agent of that customer that is not ended
+  yet (each Checkout session makes its own Customer). A Charge names no invoice or subscription
+  (since API 2025-03-31), and webhook payloads never carry expanded objects.
 - `charge.dispute.created`: a dispute names only its charge and payment intent, so the charge's
   owner comes from an earlier signed `charge.*` event (`KnownCharge`), then as for a refund.
 
@@ -72,22 +72,6 @@ def _id_of(value: object) -> str:
     if isinstance(value, dict):
         value = value.get("id")
     return value if isinstance(value, str) else ""
-
-
-def _invoice_subscription(invoice: object) -> str:
-    """The subscription of an *expanded* invoice (a bare invoice id tells us nothing offline).
-
-    Since API 2025-03-31 it sits in `parent.subscription_details.subscription`; before, in
-    `subscription`.
-    """
-    if not isinstance(invoice, dict):
-        return ""
-    parent = invoice.get("parent")
-    if isinstance(parent, dict):
-        details = parent.get("subscription_details")
-        if isinstance(details, dict) and _id_of(details.get("subscription")):
-            return _id_of(details.get("subscription"))
-    return _id_of(invoice.get("subscription"))
 
 
 def is_fully_refunded(charge: dict[str, Any]) -> bool:
@@ -188,17 +172,15 @@ def charge_refunded(*, event_id: str, event_type: str, charge: dict[str, Any]) -
             charge.get("amount"),
         )
         return EndingResult(skipped="partial refund")
-    subscription_id = _invoice_subscription(charge.get("invoice"))
     customer_id = _id_of(charge.get("customer"))
     ids = {
         "stripe_object_id": charge_id,
         "stripe_customer_id": customer_id,
-        "stripe_subscription_id": subscription_id,
         "stripe_charge_id": charge_id,
     }
     try:
         agent = _by_charge_owner(
-            subscription_id=subscription_id, customer_id=customer_id, what=f"charge {charge_id}"
+            subscription_id="", customer_id=customer_id, what=f"charge {charge_id}"
         )
     except _Unmatched as exc:
         return _unmatched(event_id, event_type, charge, exc, ids)
@@ -210,17 +192,14 @@ def dispute_created(*, event_id: str, event_type: str, dispute: dict[str, Any]) 
     charge = dispute.get("charge")
     charge_id = _id_of(charge)
     payment_intent_id = _id_of(dispute.get("payment_intent"))
-    if isinstance(charge, dict):  # expanded: the charge itself says whose it is
-        subscription_id = _invoice_subscription(charge.get("invoice"))
-        customer_id = _id_of(charge.get("customer"))
-    else:
-        known = None
-        if charge_id:
-            known = KnownCharge.objects.filter(charge_id=charge_id).first()
-        if known is None and payment_intent_id:
-            known = KnownCharge.objects.filter(payment_intent_id=payment_intent_id).first()
-        subscription_id = known.stripe_subscription_id if known else ""
-        customer_id = known.stripe_customer_id if known else ""
+    known = None
+    if charge_id:
+        known = KnownCharge.objects.filter(charge_id=charge_id).first()
+    if known is None and payment_intent_id:
+        known = KnownCharge.objects.filter(payment_intent_id=payment_intent_id).first()
+    # Rows recorded before charges stopped naming their invoice may still know the subscription.
+    subscription_id = known.stripe_subscription_id if known else ""
+    customer_id = known.stripe_customer_id if known else ""
     ids = {
         "stripe_object_id": dispute_id,
         "stripe_customer_id": customer_id,
@@ -271,7 +250,6 @@ def known_charge_record(*, event_id: str, charge: dict[str, Any]) -> KnownCharge
                 charge_id=charge_id[:255],
                 payment_intent_id=_id_of(charge.get("payment_intent"))[:255],
                 stripe_customer_id=_id_of(charge.get("customer"))[:255],
-                stripe_subscription_id=_invoice_subscription(charge.get("invoice"))[:255],
                 stripe_event_id=event_id[:255],
             )
     except IntegrityError:  # a concurrent delivery recorded it first

@@ -193,18 +193,55 @@ def purchase_validate(*, session: dict[str, Any], livemode: bool) -> Purchase:
     )
 
 
+def _session_price_ids(session: dict[str, Any]) -> set[str]:
+    """The price ids a session payload names: its line items when present (only if expanded:
+    webhook payloads carry none), else the `price_id` we put in its metadata at checkout."""
+    found: set[str] = set()
+    line_items = session.get("line_items")
+    items = line_items.get("data") if isinstance(line_items, dict) else None
+    for item in items if isinstance(items, list) else []:
+        price = item.get("price") if isinstance(item, dict) else None
+        price_id = _id_of(price)
+        if price_id:
+            found.add(price_id)
+    metadata = session.get("metadata")
+    if not found and isinstance(metadata, dict) and isinstance(metadata.get("price_id"), str):
+        found.add(metadata["price_id"])
+    return found
+
+
 def _price_check(session: dict[str, Any]) -> None:
-    """Our price's amount and currency, when configured (STRIPE_PRICE_AMOUNT/_CURRENCY)."""
+    """Our price, when configured: its id (STRIPE_PRICE_ID) when the payload names one, else its
+    amount and currency (STRIPE_PRICE_AMOUNT/_CURRENCY).
+
+    The id first: with a trial or a free first period the subtotal is 0 whatever the price is,
+    so the amount says nothing then.
+    """
     want_currency = settings.STRIPE_PRICE_CURRENCY
     if want_currency and str(session.get("currency") or "").lower() != want_currency:
         raise PurchaseInvalid(
             UnfulfillableReason.WRONG_PRICE,
             f"currency {session.get('currency')!r}, expected {want_currency!r}",
         )
+    price_ids = _session_price_ids(session)
+    if price_ids and settings.STRIPE_PRICE_ID:
+        if price_ids != {settings.STRIPE_PRICE_ID}:
+            raise PurchaseInvalid(
+                UnfulfillableReason.WRONG_PRICE,
+                f"price {', '.join(sorted(price_ids))}, expected {settings.STRIPE_PRICE_ID}",
+            )
+        return
     want_amount = settings.STRIPE_PRICE_AMOUNT
     if want_amount is not None:
         # Before discounts and tax: a coupon or VAT must not make a real order unfulfillable.
         amount = session.get("amount_subtotal", session.get("amount_total"))
+        if amount == 0:
+            # A trial or a free first period, on a session that names no price (made before
+            # checkout recorded it): nothing to compare.
+            logger.info(
+                "session %s: subtotal 0 and no price id; price not checked", session.get("id")
+            )
+            return
         if amount != want_amount:
             raise PurchaseInvalid(
                 UnfulfillableReason.WRONG_PRICE, f"amount {amount!r}, expected {want_amount}"
@@ -372,7 +409,9 @@ def checkout_session_create(
             "mode": "subscription",
             "line_items": [{"price": settings.STRIPE_PRICE_ID, "quantity": 1}],
             "client_reference_id": str(user.pk),
-            "metadata": metadata,
+            # The price id rides in the session's metadata: webhook payloads carry no line
+            # items, and a trial's subtotal of 0 says nothing about which price was bought.
+            "metadata": {**metadata, "price_id": settings.STRIPE_PRICE_ID},
             "subscription_data": {"metadata": metadata},
             "success_url": success_url,
             "cancel_url": cancel_url,
@@ -406,40 +445,57 @@ def local_account_id(api_key: str) -> str:
     return "acct_local" + hashlib.sha256(api_key.encode()).hexdigest()[:14]
 
 
-def stripe_account_record(*, api_key: str) -> Any:
-    """Record the Account and APIKey rows dj-stripe would fetch (`GET /v1/account`) for a test key.
+class AccountUnknown(Exception):
+    """A live key whose account cannot be recorded without being told (a restricted key)."""
 
-    Keeps webhook processing offline (tests, `make run`). Live keys are never faked: returns the
-    key's owner account if dj-stripe already knows it, else None.
+
+def stripe_account_record(*, api_key: str, account_id: str = "") -> Any:
+    """Record the Account and APIKey rows dj-stripe would fetch (`GET /v1/account`) for our key.
+
+    dj-stripe fetches them inside the first webhook that needs them; a restricted key may not
+    call `GET /v1/account` at all, so that webhook would fail (500) and Stripe retry it in vain.
+    Recorded here, webhooks never call Stripe for them. A test key gets a local stand-in
+    account (tests, `make run`); a live key gets `account_id` when given, else the account its
+    key reads once, now. A restricted live key without `account_id` raises AccountUnknown.
     """
     from djstripe.enums import APIKeyType
     from djstripe.models import Account, APIKey
 
     existing = APIKey.objects.filter(secret=api_key).select_related("djstripe_owner_account")
     key = existing.first()
-    if key is not None and key.djstripe_owner_account is not None:
-        return key.djstripe_owner_account
-    if not api_key.startswith(("sk_test_", "rk_test_")):
-        return None
-    account_id = local_account_id(api_key)
+    known = key.djstripe_owner_account if key is not None else None
+    if known is not None and (not account_id or known.id == account_id):
+        return known
+    livemode = not api_key.startswith(("sk_test_", "rk_test_"))
+    restricted = api_key.startswith("rk_")
+    stripe_data: dict[str, Any]
+    if account_id:
+        stripe_data = {"id": account_id, "object": "account"}
+    elif not livemode:
+        account_id = local_account_id(api_key)
+        stripe_data = {
+            "id": account_id,
+            "object": "account",
+            "settings": {"dashboard": {"display_name": "Local test account"}},
+        }
+    elif restricted:
+        raise AccountUnknown(
+            "a restricted key cannot read its own account: pass the account id (acct_…)"
+        )
+    else:
+        current = stripe_client().v1.accounts.retrieve_current(options={"api_key": api_key})
+        stripe_data = current.to_dict()
+        account_id = str(stripe_data["id"])
     with transaction.atomic():
         account, _ = Account.objects.get_or_create(
-            id=account_id,
-            defaults={
-                "livemode": False,
-                "stripe_data": {
-                    "id": account_id,
-                    "object": "account",
-                    "settings": {"dashboard": {"display_name": "Local test account"}},
-                },
-            },
+            id=account_id, defaults={"livemode": livemode, "stripe_data": stripe_data}
         )
         key, _ = APIKey.objects.get_or_create(
             secret=api_key,
             defaults={
-                "type": APIKeyType.restricted if api_key.startswith("rk_") else APIKeyType.secret,
-                "livemode": False,
-                "name": "local",
+                "type": APIKeyType.restricted if restricted else APIKeyType.secret,
+                "livemode": livemode,
+                "name": "local" if not livemode else "live",
             },
         )
         if key.djstripe_owner_account_id != account.pk:
@@ -456,12 +512,14 @@ def webhook_endpoint_setup(
     api_key: str,
     livemode: bool,
     api_version: str,
+    account_id: str = "",
 ) -> tuple[Any, bool]:
-    """Create or update dj-stripe's WebhookEndpoint row offline (no Stripe call). Idempotent."""
+    """Create or update dj-stripe's WebhookEndpoint row (no Stripe call but a live secret key's
+    one `GET /v1/account`, see stripe_account_record). Idempotent."""
     from djstripe.enums import WebhookEndpointStatus
     from djstripe.models import WebhookEndpoint
 
-    account = stripe_account_record(api_key=api_key) if api_key else None
+    account = stripe_account_record(api_key=api_key, account_id=account_id) if api_key else None
     values = {
         "secret": secret,
         "url": url,

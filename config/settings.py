@@ -286,6 +286,8 @@ GITHUB_REPOSITORY_ID = env.str(
 )
 GITHUB_WORKFLOW_FILE = env.str("GITHUB_WORKFLOW_FILE", default="provision.yml")
 GITHUB_REF = env.str("GITHUB_REF", default="main")
+# Scheduled runs always run the default branch's workflow: the reaper's tokens carry that ref.
+GITHUB_REAPER_REF = env.str("GITHUB_REAPER_REF", default=GITHUB_REF)
 GITHUB_APP_ID = env.str("GITHUB_APP_ID", default="")
 GITHUB_APP_INSTALLATION_ID = env.str("GITHUB_APP_INSTALLATION_ID", default="")
 GITHUB_APP_PRIVATE_KEY = env.str("GITHUB_APP_PRIVATE_KEY", default="", multiline=True)

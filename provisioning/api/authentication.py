@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions, status
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
@@ -55,6 +56,10 @@ class WorkflowRunAuthentication(BaseAuthentication):
     # The events whose runs may call: the callbacks only serve dispatched runs.
     allowed_events: tuple[str, ...] = ("workflow_dispatch",)
 
+    def expected_ref(self) -> str:
+        """The branch the run's workflow must be on (its token's ``ref``)."""
+        return str(settings.GITHUB_REF)
+
     def authenticate(self, request: Request) -> tuple[WorkflowRun, RunIdentity] | None:
         parts = get_authorization_header(request).split()
         if not parts or parts[0].lower() != self.keyword.lower().encode():
@@ -71,7 +76,9 @@ class WorkflowRunAuthentication(BaseAuthentication):
                 "Workflow token refused: malformed token.", code="invalid_token"
             ) from None
         try:
-            identity = oidc.verify_run_token(token, allowed_events=self.allowed_events)
+            identity = oidc.verify_run_token(
+                token, allowed_events=self.allowed_events, ref=self.expected_ref()
+            )
         except TokenInvalid as exc:
             if exc.reason == "key set unavailable":
                 raise KeySetUnavailable() from exc
@@ -128,6 +135,10 @@ class ReaperRunAuthentication(WorkflowRunAuthentication):
     """The callbacks' token checks, for the reaper's event (`schedule` only)."""
 
     allowed_events: tuple[str, ...] = REAPER_EVENTS
+
+    def expected_ref(self) -> str:
+        # Scheduled runs always run on the default branch, whatever GITHUB_REF names.
+        return str(settings.GITHUB_REAPER_REF)
 
 
 class ReaperRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]

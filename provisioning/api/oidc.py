@@ -209,13 +209,29 @@ def _claim(claims: dict[str, Any], name: str) -> str:
     return str(value)
 
 
+def _same_workflow_ref(seen: str, expected: str) -> bool:
+    """``owner/repo/.github/workflows/<file>@<ref>``: owner/repo without case, the rest exactly."""
+    seen_owner, _, seen_rest = seen.partition("/")
+    seen_repo, _, seen_path = seen_rest.partition("/")
+    owner, _, rest = expected.partition("/")
+    repo, _, path = rest.partition("/")
+    return (
+        f"{seen_owner}/{seen_repo}".casefold() == f"{owner}/{repo}".casefold() and seen_path == path
+    )
+
+
 def verify_run_token(
-    token: str, *, allowed_events: Collection[str] = DEFAULT_EVENTS
+    token: str, *, allowed_events: Collection[str] = DEFAULT_EVENTS, ref: str | None = None
 ) -> RunIdentity:
     """Verify a workflow run's OIDC ID token; return its identity or raise ``TokenInvalid``.
 
     ``allowed_events``: the ``event_name`` values accepted (callbacks: ``workflow_dispatch``;
-    a scheduled reaper could pass ``("schedule",)``).
+    a scheduled reaper could pass ``("schedule",)``). ``ref``: the branch the run must be on;
+    GITHUB_REF unless given (scheduled runs are always on the default branch: GITHUB_REAPER_REF).
+
+    The ``owner/repo`` part of ``workflow_ref`` is compared without case: GitHub writes the
+    repository's canonical case, the setting is typed by hand, and GitHub names are
+    case-insensitive. The id claim is what binds the token to our repository.
     """
     issuer = _required("PROVISIONING_OIDC_ISSUER", settings.PROVISIONING_OIDC_ISSUER).rstrip("/")
     audience = _required("PROVISIONING_OIDC_AUDIENCE", settings.PROVISIONING_OIDC_AUDIENCE)
@@ -223,7 +239,7 @@ def verify_run_token(
     repository = _required("GITHUB_REPOSITORY", settings.GITHUB_REPOSITORY)
     repository_id = _required("GITHUB_REPOSITORY_ID", settings.GITHUB_REPOSITORY_ID)
     workflow_file = settings.GITHUB_WORKFLOW_FILE
-    branch = str(settings.GITHUB_REF).removeprefix("refs/heads/")
+    branch = str(settings.GITHUB_REF if ref is None else ref).removeprefix("refs/heads/")
     runner_environments = settings.PROVISIONING_OIDC_RUNNER_ENVIRONMENTS
     if isinstance(runner_environments, str):
         runner_environments = [runner_environments]
@@ -242,7 +258,8 @@ def verify_run_token(
     ]
     for name, expected, reason in checks:
         seen = _claim(claims, name)
-        if seen != expected:
+        compare = _same_workflow_ref if name == "workflow_ref" else str.__eq__
+        if not compare(seen, expected):
             raise TokenInvalid(reason, f"{name} {seen!r}")
     event_name = _claim(claims, "event_name")
     if event_name not in allowed_events:

@@ -8,10 +8,19 @@ from uuid import UUID
 
 MODES = ("provision", "cleanup", "deprovision")
 
+# A run in one of these states has not finished and may still claim its job: GitHub holds runs
+# `waiting` on an environment's protection rules, `queued`/`pending`/`requested` until a runner
+# picks them up. Re-sending its dispatch would only queue a twin behind it.
+UNFINISHED_RUN_STATUSES = frozenset({"queued", "waiting", "pending", "requested", "in_progress"})
 
-def run_title(*, job_id: UUID | str, attempt: int) -> str:
-    """The workflow's ``run-name`` for one attempt: how a run is found when dispatch gave no id."""
-    return f"provision {job_id} attempt {attempt}"
+
+def run_title(*, job_id: UUID | str, attempt: int, mode: str = "provision") -> str:
+    """The workflow's ``run-name`` for one attempt: how a run is found when dispatch gave no id.
+
+    The mode is part of it so a lookup for the provision run never finds the cleanup run the same
+    job and attempt may have.
+    """
+    return f"{mode} {job_id} attempt {attempt}"
 
 
 @dataclass(frozen=True)
@@ -37,13 +46,19 @@ class RunStatus:
     def is_finished(self) -> bool:
         return self.status == "completed"
 
+    @property
+    def may_still_claim(self) -> bool:
+        """Not started or still going: the dispatcher waits for it instead of re-sending."""
+        return self.status in UNFINISHED_RUN_STATUSES
+
 
 class DispatchError(Exception):
     """Transient or permanent failure to start (or reach) a run; the message is safe to show
-    operators. ``status`` is the HTTP status if there was one; ``retry_after`` GitHub's hint."""
+    operators. ``status`` is the HTTP status if there was one; ``retry_after`` how many seconds the
+    backend asked us to wait (a rate limit's hint), if it said."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, retry_after: str | None = None
+        self, message: str, *, status: int | None = None, retry_after: int | None = None
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -52,7 +67,12 @@ class DispatchError(Exception):
     @property
     def is_transient(self) -> bool:
         """True for timeouts, connection errors, 5xx and rate limits: worth retrying later."""
-        return self.status is None or self.status >= 500 or self.status == 429
+        return (
+            self.status is None
+            or self.status >= 500
+            or self.status == 429
+            or self.retry_after is not None
+        )
 
 
 @runtime_checkable
@@ -71,8 +91,8 @@ class RunnerBackend(Protocol):
         """The run's status, or None if the backend does not know the run."""
         ...
 
-    def find_run(self, *, job_id: UUID, attempt: int) -> str | None:
-        """Fallback lookup by the run's title ``provision <job_id> attempt <n>``."""
+    def find_run(self, *, job_id: UUID, attempt: int, mode: str = "provision") -> str | None:
+        """Fallback lookup by the run's title ``<mode> <job_id> attempt <n>`` (run_title)."""
         ...
 
     def run_url(self, *, run_id: str) -> str | None:

@@ -2,7 +2,13 @@
 
 ``workflow_dispatch`` with
 ``return_run_details: true`` answers 200 with the new run's id; GitHub Enterprise Server up to
-3.20 answers 400 to that flag and 204 without it, so the id then comes from ``find_run``.
+3.20 refuses that flag (400, or 422 "not a permitted key") and answers 204 without it, so the id
+then comes from ``find_run``.
+
+Rate limits come as 403 or 429: a primary limit with ``x-ratelimit-remaining: 0`` and
+``x-ratelimit-reset`` (epoch seconds), a secondary one with ``retry-after`` (seconds) or, without
+it, a message saying so (then wait at least a minute). Either way the DispatchError carries the
+wait in ``retry_after`` and the dispatcher schedules its next try no earlier.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ APP_JWT_LIFETIME_SECONDS = 9 * 60  # GitHub's limit is 10 minutes
 FIND_RUN_LOOKBACK = timedelta(hours=6)
 FIND_RUN_MAX_PAGES = 5
 PATH_MAX_CHARS = 4096  # longer than any file path: a key body without its armour
+SECONDARY_LIMIT_DEFAULT_WAIT_SECONDS = 60  # a rate limit that names no wait: at least a minute
 
 
 def load_private_key(value: str) -> str:
@@ -73,6 +80,33 @@ def load_private_key(value: str) -> str:
             "GITHUB_APP_PRIVATE_KEY does not hold an unencrypted PEM private key"
         ) from None
     return pem
+
+
+def _retry_after_seconds(response: httpx.Response, message: str) -> int | None:
+    """How long a rate-limited answer asks us to wait, in whole seconds; None if not limited."""
+    headers = response.headers
+    retry_after = headers.get("retry-after", "").strip()
+    if retry_after.isdigit():
+        return max(int(retry_after), 1)
+    if headers.get("x-ratelimit-remaining") == "0":
+        reset = headers.get("x-ratelimit-reset", "").strip()
+        if reset.isdigit():
+            return max(int(reset) - int(time.time()), 1)  # GitHub's clock: the wall clock
+        return SECONDARY_LIMIT_DEFAULT_WAIT_SECONDS
+    if response.status_code in (403, 429) and "rate limit" in message.lower():
+        return SECONDARY_LIMIT_DEFAULT_WAIT_SECONDS
+    return None
+
+
+def _refuses_run_details(response: httpx.Response) -> bool:
+    """An Enterprise Server that does not know ``return_run_details``: 400, or 422 naming the key.
+
+    A 422 about anything else (an input the workflow does not declare) is a real error: sending
+    the same inputs again without the flag would only fail the same way.
+    """
+    if response.status_code == 400:
+        return True
+    return response.status_code == 422 and "return_run_details" in _github_message(response)
 
 
 def _utcnow() -> datetime:
@@ -237,12 +271,12 @@ class GitHubBackend:
 
     @staticmethod
     def _error(what: str, response: httpx.Response) -> DispatchError:
-        retry_after = response.headers.get("retry-after")
         message = f"GitHub answered {response.status_code} to {what}"
         detail = _github_message(response)
+        retry_after = _retry_after_seconds(response, detail)
         if detail:
             message = f"{message}: {detail}"
-        if retry_after:
+        if retry_after is not None:
             message = f"{message} (retry after {retry_after} s)"
         return DispatchError(message, status=response.status_code, retry_after=retry_after)
 
@@ -262,7 +296,7 @@ class GitHubBackend:
         path = self._repo_path(f"workflows/{self.workflow_file}/dispatches")
         if self._ask_for_run_details:
             response = self._api("POST", path, what, json={**body, "return_run_details": True})
-            if response.status_code == 400:
+            if _refuses_run_details(response):
                 # GitHub Enterprise Server <= 3.20 refuses the flag: dispatch without it and
                 # let the claim find the run by its title.
                 logger.warning(
@@ -319,8 +353,8 @@ class GitHubBackend:
             display_title=run.get("display_title"),
         )
 
-    def find_run(self, *, job_id: UUID, attempt: int) -> str | None:
-        title = run_title(job_id=job_id, attempt=attempt)
+    def find_run(self, *, job_id: UUID, attempt: int, mode: str = "provision") -> str | None:
+        title = run_title(job_id=job_id, attempt=attempt, mode=mode)
         since = (self._clock() - FIND_RUN_LOOKBACK).strftime("%Y-%m-%dT%H:%M:%SZ")
         what = f"look up the run titled {title!r}"
         path: str | None = self._repo_path(f"workflows/{self.workflow_file}/runs")

@@ -244,9 +244,21 @@ class LocalBackend:
             run = self._runs.get(run_id)
         if run is not None:
             return run.status()
-        return None
+        return self._foreign_status(run_id)
 
-    def find_run(self, *, job_id: UUID, attempt: int) -> str | None:
+    def _foreign_status(self, run_id: str) -> RunStatus | None:
+        """A run another process started: in progress while its process lives, else unknown."""
+        pid_path = self._log_dir() / f"{run_id}.pid"
+        try:
+            pid_text, _, job_id = pid_path.read_text().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None
+        if not _is_our_runner(pid, job_id):
+            return None
+        return RunStatus(run_id=run_id, status="in_progress", conclusion=None)
+
+    def find_run(self, *, job_id: UUID, attempt: int, mode: str = "provision") -> str | None:
         return None  # dispatch always knows the run id
 
     def run_url(self, *, run_id: str) -> str | None:

@@ -131,6 +131,18 @@ class Runner:
             self._workdir = private_temp_dir()
         return self._workdir
 
+    @property
+    def known_hosts(self) -> Path:
+        """The VM's host key, beside the state file ($RUNNER_TEMP in a workflow run).
+
+        Each workflow step is its own process with its own workdir: a known_hosts there would be
+        forgotten after wait-ssh, and configure would accept whatever key it met next. Beside the
+        state file, the key wait-ssh learned is the only one later steps trust.
+        """
+        return self.settings.state_file.with_name(
+            self.settings.state_file.stem.lstrip(".") + ".known_hosts"
+        )
+
     def close(self) -> None:
         self.stop_heartbeat()
         if self._api is not None:
@@ -295,7 +307,7 @@ class Runner:
         remote.wait_ssh(
             self.settings,
             ip,
-            self.workdir / "known_hosts",
+            self.known_hosts,
             sleep=self.sleep,
             log=self.log,
             clock=self._clock,
@@ -327,7 +339,7 @@ class Runner:
         remote.configure(
             self.settings,
             ip,
-            self.workdir / "known_hosts",
+            self.known_hosts,
             {
                 "agent_name": agent.get("name") or "agent",
                 "agent_id": agent.get("id") or "",

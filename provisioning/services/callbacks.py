@@ -61,7 +61,8 @@ def _resolve_untracked_run(job: ProvisioningJob, run: RunRef) -> None:
     ).exists()
     if not dispatched_without_id:
         raise DispatchPending(job_id=job.pk)
-    found = backends.get_backend().find_run(job_id=job.pk, attempt=job.attempt)
+    mode = "deprovision" if job.is_deprovision else "provision"
+    found = backends.get_backend().find_run(job_id=job.pk, attempt=job.attempt, mode=mode)
     if found != run.run_id:
         raise WrongRun(job_id=job.pk, run_id=run.run_id)
     ProvisioningJob.objects.filter(

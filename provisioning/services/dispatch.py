@@ -17,12 +17,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from provisioning import backends, selectors
-from provisioning.backends.base import RunnerBackend
-from provisioning.models import Actor, ProvisioningJob, Step
+from provisioning.backends.base import DispatchError, RunnerBackend
+from provisioning.models import Actor, JobEvent, ProvisioningJob, Step
 from provisioning.services.common import after_commit, record_move
 from provisioning.state import CLEANUP, DISPATCH, DISPATCH_FAILED
 
 logger = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER_SECONDS = 3600  # GitHub's primary rate limit resets within the hour
 
 
 def dispatch_soon() -> None:
@@ -41,6 +43,11 @@ def job_dispatch_next(
     once never take the same job: the row lock plus `dispatched_at` keep it theirs.
     A backend failure leaves the job queued with a short backoff and a DISPATCH_FAILED event;
     it never spends a retry.
+
+    A dispatch nobody claimed within DISPATCH_CLAIM_TIMEOUT_SECONDS is re-sent only once the
+    backend says its run has finished or does not exist: a run still queued or `waiting` (an
+    environment's protection rules, a busy runner pool) may yet claim, and a twin dispatched
+    behind it would wait just the same. Such a job stays dispatched for another window.
     """
     backend = backend or backends.get_backend()
     now = now or timezone.now()
@@ -51,13 +58,37 @@ def job_dispatch_next(
         job = due.select_for_update(skip_locked=True, of=("self",)).first()
         if job is None:
             return None
+        resend = job.dispatched_at is not None
         # Set only when this is a re-send of an unclaimed dispatch of the same attempt.
-        previous_run = job.workflow_run_id if job.dispatched_at else None
-        ProvisioningJob.objects.filter(pk=job.pk, status__in=DISPATCH.sources).update(
-            dispatched_at=now, workflow_run_id=None, run_attempt=None, updated_at=now
-        )
+        previous_run = job.workflow_run_id if resend else None
+        fields: dict[str, object] = {"dispatched_at": now, "updated_at": now}
+        if not resend:
+            fields.update(workflow_run_id=None, run_attempt=None)
+        ProvisioningJob.objects.filter(pk=job.pk, status__in=DISPATCH.sources).update(**fields)
     # Outside any lock: talk to GitHub (or start the local runner).
     mode = "deprovision" if job.is_deprovision else "provision"
+    if resend:
+        run_id, waiting = _previous_run_or_wait(job, backend, mode=mode, run_id=previous_run)
+        if waiting:
+            if run_id and not previous_run:
+                # Found by its title: the run's claim now checks against this id, not the title
+                # (whose dispatch event is older than the dispatched_at just written).
+                ProvisioningJob.objects.filter(
+                    pk=job.pk,
+                    status__in=DISPATCH.sources,
+                    attempt=job.attempt,
+                    dispatched_at=now,
+                    workflow_run_id__isnull=True,
+                ).update(workflow_run_id=run_id)
+            job.refresh_from_db()
+            return job
+        previous_run = run_id
+        forgotten = ProvisioningJob.objects.filter(
+            pk=job.pk, status__in=DISPATCH.sources, attempt=job.attempt, dispatched_at=now
+        ).update(workflow_run_id=None, run_attempt=None, updated_at=timezone.now())
+        if not forgotten:  # claimed (or cancelled) while we asked the backend: nothing to send
+            job.refresh_from_db()
+            return job
     try:
         result = backend.dispatch(job_id=job.pk, attempt=job.attempt, mode=mode)
     except Exception as exc:
@@ -98,9 +129,56 @@ def job_dispatch_next(
     return job
 
 
+def _previous_run_or_wait(
+    job: ProvisioningJob, backend: RunnerBackend, *, mode: str, run_id: str | None
+) -> tuple[str | None, bool]:
+    """Before re-sending an unclaimed dispatch: (the run, True) if it may still claim (a NOTE then
+    says so, for the job page and the admin; no status is written), else (the run to replace or
+    None, False).
+
+    A backend that cannot answer does not block the re-send: the old behaviour, and the old run
+    is fenced out by the new dispatch either way.
+    """
+    try:
+        if run_id is None:  # dispatched without a run id (older GitHub Enterprise): by its title
+            run_id = backend.find_run(job_id=job.pk, attempt=job.attempt, mode=mode)
+        run = backend.get_run(run_id=run_id) if run_id else None
+    except Exception:
+        logger.exception("could not read run %s of job %s; re-sending its dispatch", run_id, job.pk)
+        return run_id, False
+    if run is None or not run.may_still_claim:
+        return run_id, False
+    JobEvent.objects.create(
+        job=job,
+        actor=Actor.SYSTEM,
+        action=JobEvent.Action.NOTE,
+        attempt=job.attempt,
+        workflow_run_id=run_id,
+        step=Step.DISPATCH,
+        reason=(
+            f"Waiting for a build machine: run {run_id} is {run.status} on {backend.name} "
+            f"(not claimed yet, not re-sent; checked again in "
+            f"{settings.DISPATCH_CLAIM_TIMEOUT_SECONDS}s)"
+        ),
+    )
+    logger.info("job %s: run %s is %s; waiting instead of re-sending", job.pk, run_id, run.status)
+    return run_id, True
+
+
+def retry_delay_seconds(error: Exception) -> int:
+    """RETRY_BACKOFF_SECONDS, or longer when the backend named a wait (a rate limit's hint): a try
+    before the limit resets only spends more of it. Capped, so a wild hint cannot park the job."""
+    base = int(settings.RETRY_BACKOFF_SECONDS)
+    hint = error.retry_after if isinstance(error, DispatchError) else None
+    if hint is None:
+        return base
+    return max(base, min(hint, MAX_RETRY_AFTER_SECONDS))
+
+
 def dispatch_failed(*, job: ProvisioningJob, dispatched_at: datetime, error: Exception) -> None:
     """DISPATCH_FAILED: give the job back to the queue with a short backoff; no retry spent."""
     now = timezone.now()
+    delay = retry_delay_seconds(error)
     with transaction.atomic():
         released = ProvisioningJob.objects.filter(
             pk=job.pk,
@@ -109,7 +187,7 @@ def dispatch_failed(*, job: ProvisioningJob, dispatched_at: datetime, error: Exc
             dispatched_at=dispatched_at,
         ).update(
             dispatched_at=None,
-            next_attempt_at=now + timedelta(seconds=settings.RETRY_BACKOFF_SECONDS),
+            next_attempt_at=now + timedelta(seconds=delay),
             updated_at=now,
         )
         if released:
@@ -118,8 +196,7 @@ def dispatch_failed(*, job: ProvisioningJob, dispatched_at: datetime, error: Exc
                 DISPATCH_FAILED,
                 actor=Actor.SYSTEM,
                 step=Step.DISPATCH,
-                reason=f"{type(error).__name__}: {error}; retrying in "
-                f"{settings.RETRY_BACKOFF_SECONDS}s (no retry spent)",
+                reason=f"{type(error).__name__}: {error}; retrying in {delay}s (no retry spent)",
             )
     logger.warning("dispatch of job %s failed: %s", job.pk, error)
 

@@ -49,12 +49,52 @@ def test_setup_stripe_webhook_is_idempotent_and_updates_the_secret(settings):
     assert "Updated webhook endpoint" in output
 
 
-def test_setup_stripe_webhook_never_fakes_an_account_for_a_live_key(settings):
-    settings.STRIPE_SECRET_KEY = "sk_live_" + "a" * 30
+LIVE_KEY = "sk_live_" + "a" * 30
+LIVE_ACCOUNT = {"id": "acct_1LiveAccount000", "object": "account", "country": "DE"}
+
+
+def test_setup_stripe_webhook_records_a_live_keys_account_once_so_webhooks_never_fetch_it(
+    settings, stripe_http
+):
+    settings.STRIPE_SECRET_KEY = LIVE_KEY
+    stripe_http.answer("get", "/v1/account", LIVE_ACCOUNT)
 
     _run("setup_stripe_webhook")
+    _run("setup_stripe_webhook")  # known now: no second call
 
-    assert WebhookEndpoint.objects.get().djstripe_owner_account is None
+    assert [c.path for c in stripe_http.calls] == ["/v1/account"]
+    account = Account.objects.get()
+    assert account.id == LIVE_ACCOUNT["id"]
+    key = APIKey.objects.get(secret=LIVE_KEY)
+    assert key.djstripe_owner_account == account and key.livemode
+    assert WebhookEndpoint.objects.get().djstripe_owner_account == account
+    # What dj-stripe asks inside a webhook: answered from the database.
+    assert Account.get_or_retrieve_for_api_key(LIVE_KEY) == account
+    assert len(stripe_http.calls) == 1
+
+
+def test_a_restricted_live_key_needs_the_account_id_and_then_calls_nothing(settings, stripe_http):
+    settings.STRIPE_SECRET_KEY = "rk_live_" + "b" * 30
+
+    with pytest.raises(CommandError, match="--account-id"):
+        _run("setup_stripe_webhook")
+    _run("setup_stripe_webhook", "--account-id", "acct_1Restricted00")
+
+    assert stripe_http.calls == []
+    key = APIKey.objects.get(secret=settings.STRIPE_SECRET_KEY)
+    assert key.djstripe_owner_account.id == "acct_1Restricted00"
+    assert Account.get_or_retrieve_for_api_key(settings.STRIPE_SECRET_KEY).id == (
+        "acct_1Restricted00"
+    )
+
+
+def test_a_live_key_whose_account_cannot_be_read_is_a_clear_command_error(settings, stripe_http):
+    settings.STRIPE_SECRET_KEY = LIVE_KEY
+    stripe_http.answer("get", "/v1/account", {"error": {"message": "no"}}, status=403)
+
+    with pytest.raises(CommandError, match="--account-id"):
+        _run("setup_stripe_webhook")
+
     assert not Account.objects.exists()
 
 

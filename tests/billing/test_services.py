@@ -42,6 +42,8 @@ def test_checkout_creates_a_subscription_session_carrying_our_references(stripe_
     assert sent["metadata[agent_name]"] == ["helper"]
     assert sent["metadata[region]"] == ["us-west"]
     assert sent["subscription_data[metadata][agent_name]"] == ["helper"]
+    # Webhook payloads carry no line items: the session's metadata names the price for the check.
+    assert sent["metadata[price_id]"] == ["price_1SxTestPrice000000000000"]
 
 
 def test_checkout_surfaces_stripe_being_unreachable(stripe_http):

@@ -313,6 +313,62 @@ def test_a_session_with_our_price_is_fulfilled_when_the_price_is_configured(
     assert Agent.objects.count() == 1
 
 
+def _trial(event):
+    """A subscription with a trial (or a free first period): Stripe's subtotal is 0."""
+    event["data"]["object"].update(amount_subtotal=0, amount_total=0)
+    return event
+
+
+def test_a_trial_session_naming_our_price_is_fulfilled(deliver, customer, settings):
+    event = _trial(load_event("checkout.session.completed__paid", user=customer))
+    event["data"]["object"]["metadata"]["price_id"] = settings.STRIPE_PRICE_ID
+    settings.STRIPE_PRICE_AMOUNT = 4900
+
+    deliver(event)
+
+    assert Agent.objects.count() == 1
+    assert not UnfulfillablePayment.objects.exists()
+
+
+def test_a_session_naming_another_price_is_unfulfillable_whatever_its_amount(
+    deliver, customer, settings
+):
+    event = load_event("checkout.session.completed__paid", user=customer)
+    event["data"]["object"]["metadata"]["price_id"] = "price_someone_elses"
+    settings.STRIPE_PRICE_AMOUNT = event["data"]["object"]["amount_subtotal"]
+
+    deliver(event)
+
+    row = UnfulfillablePayment.objects.get()
+    assert row.reason == UnfulfillableReason.WRONG_PRICE
+    assert "price_someone_elses" in row.detail
+    assert Agent.objects.count() == 0
+
+
+def test_expanded_line_items_name_the_price_before_metadata(deliver, customer, settings):
+    event = _trial(load_event("checkout.session.completed__paid", user=customer))
+    event["data"]["object"]["line_items"] = {
+        "object": "list",
+        "data": [{"object": "item", "price": {"id": "price_other", "object": "price"}}],
+    }
+    event["data"]["object"]["metadata"]["price_id"] = settings.STRIPE_PRICE_ID
+
+    deliver(event)
+
+    assert UnfulfillablePayment.objects.get().reason == UnfulfillableReason.WRONG_PRICE
+
+
+def test_a_trial_session_from_before_the_price_id_is_not_judged_by_its_zero_subtotal(
+    deliver, customer, settings
+):
+    event = _trial(load_event("checkout.session.completed__paid", user=customer))
+    settings.STRIPE_PRICE_AMOUNT = 4900
+
+    deliver(event)
+
+    assert Agent.objects.count() == 1
+
+
 def test_the_captured_not_ours_session_is_recorded(deliver, customer):
     deliver(load_event("checkout.session.completed__not_ours"))
 

@@ -121,7 +121,7 @@ def test_a_cancelled_subscription_deletes_the_running_agents_vm(pipeline, webhoo
         webhook,
         stdout=out,
     )
-    assert ": 200 " in out.getvalue()
+    assert "HTTP 200" in out.getvalue()
 
     job = deprovision_of(agent)
     event_id = job.stripe_event_id

@@ -8,9 +8,12 @@ received so tests can assert on it::
         ...
         assert fake_github.dispatched_inputs() == [{"job_id": ..., "attempt": "1", "mode": "provision"}]
 
-Knobs: ``fail_next(n, status=502)``, ``timeout_next(n)``, ``legacy_ghes = True`` (400 on
+Knobs: ``fail_next(n, status=502)``, ``timeout_next(n)``, ``rate_limit_next(n, status=403,
+secondary=False)`` (a primary limit: ``x-ratelimit-remaining: 0`` and ``x-ratelimit-reset``; a
+secondary one: ``retry-after``), ``legacy_ghes = True`` (``legacy_ghes_status``, 400 or 422, on
 ``return_run_details``, then 204), ``set_run(run_id, status=..., conclusion=...)``,
-``token_ttl``. Register the fixture with ``pytest_plugins = ["tests.fakes.github"]``.
+``token_ttl``. A dispatch is checked against the workflow's inputs as GitHub does: an input the
+workflow does not declare, a missing required one or a choice outside its options is a 422. Register the fixture with ``pytest_plugins = ["tests.fakes.github"]``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,16 @@ def new_rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+# The inputs .github/workflows/provision.yml declares (tests/workflows checks they agree).
+WORKFLOW_INPUTS: dict[str, tuple[str, ...] | None] = {
+    "job_id": None,
+    "attempt": None,
+    "mode": ("provision", "cleanup", "deprovision"),
+}
+RATE_LIMIT_RESET_SECONDS = 120  # how far ahead a primary limit's x-ratelimit-reset points
+SECONDARY_RETRY_AFTER_SECONDS = 90
+
+
 def _json(status: int, body: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
     if body is None:
         return httpx.Response(status, headers=headers)
@@ -71,7 +84,12 @@ class FakeGitHub:
     installation_id: str = INSTALLATION_ID
     token_ttl: timedelta = timedelta(hours=1)
     legacy_ghes: bool = False
+    legacy_ghes_status: int = 400  # GitHub Enterprise refuses return_run_details with 400 or 422
     private_key: rsa.RSAPrivateKey = field(default_factory=lambda: shared_app_key())
+    # What the workflow on the dispatched ref declares (a test may play an older branch).
+    workflow_inputs: dict[str, tuple[str, ...] | None] = field(
+        default_factory=lambda: dict(WORKFLOW_INPUTS)
+    )
 
     def __post_init__(self) -> None:
         self.dispatches: list[Dispatch] = []
@@ -80,7 +98,8 @@ class FakeGitHub:
         self.requests: list[httpx.Request] = []
         self.tokens: dict[str, datetime] = {}
         self.token_requests: list[dict[str, Any]] = []
-        self._failures: list[int | str] = []  # status codes, or "timeout"
+        # status codes, "timeout", or ("primary" | "secondary", status) for a rate limit
+        self._failures: list[int | str | tuple[str, int]] = []
         self._run_ids = itertools.count(18_000_000_001)
         self._lock = threading.Lock()
         self.transport = httpx.MockTransport(self.handle)
@@ -117,6 +136,13 @@ class FakeGitHub:
         with self._lock:
             self._failures.extend(["timeout"] * count)
 
+    def rate_limit_next(
+        self, count: int = 1, *, status: int = 403, secondary: bool = False
+    ) -> None:
+        """The next ``count`` calls hit a rate limit (403 or 429, as GitHub may answer either)."""
+        with self._lock:
+            self._failures.extend([("secondary" if secondary else "primary", status)] * count)
+
     def set_run(self, run_id: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
             run = self.runs.setdefault(run_id, self._new_run(run_id, title=""))
@@ -146,8 +172,13 @@ class FakeGitHub:
             failure = self._failures.pop(0) if self._failures else None
         if failure == "timeout":
             raise httpx.ReadTimeout("fake GitHub timed out", request=request)
+        if isinstance(failure, tuple):
+            return self._rate_limited(*failure)
         if failure is not None:
-            return _json(int(failure), {"message": "Server Error"}, {"retry-after": "30"})
+            status = int(failure)
+            if status >= 500:
+                return _json(status, {"message": "Server Error"}, {"retry-after": "30"})
+            return _json(status, {"message": "Validation Failed"})
 
         path = request.url.path
         if request.method == "POST" and (
@@ -173,6 +204,27 @@ class FakeGitHub:
         if request.method == "POST" and (m := re.fullmatch(r"/runs/(\d+)/cancel", rest)):
             return self._cancel(m.group(1))
         return _json(404, {"message": "Not Found"})
+
+    @staticmethod
+    def _rate_limited(kind: str, status: int) -> httpx.Response:
+        if kind == "secondary":
+            return _json(
+                status,
+                {"message": "You have exceeded a secondary rate limit. Please wait a few minutes."},
+                {"retry-after": str(SECONDARY_RETRY_AFTER_SECONDS)},
+            )
+        reset = int(datetime.now(UTC).timestamp()) + RATE_LIMIT_RESET_SECONDS
+        return _json(
+            status,
+            {"message": f"API rate limit exceeded for installation ID {INSTALLATION_ID}."},
+            {
+                "x-ratelimit-limit": "5000",
+                "x-ratelimit-remaining": "0",
+                "x-ratelimit-used": "5000",
+                "x-ratelimit-reset": str(reset),
+                "x-ratelimit-resource": "core",
+            },
+        )
 
     def _access_token(self, request: httpx.Request, installation_id: str) -> httpx.Response:
         scheme, _, app_jwt = request.headers.get("authorization", "").partition(" ")
@@ -228,13 +280,31 @@ class FakeGitHub:
         body = json.loads(request.content)
         details = bool(body.get("return_run_details"))
         if details and self.legacy_ghes:
-            return _json(400, {"message": "Invalid request. return_run_details is not permitted"})
+            return _json(
+                self.legacy_ghes_status,
+                {"message": 'Invalid request.\n\n"return_run_details" is not a permitted key.'},
+            )
         inputs = body.get("inputs", {})
         if any(not isinstance(v, str) for v in inputs.values()):
             return _json(422, {"message": "Invalid value for inputs: values must be strings"})
+        unexpected = sorted(set(inputs) - set(self.workflow_inputs))
+        if unexpected:
+            return _json(422, {"message": f"Unexpected inputs provided: {json.dumps(unexpected)}"})
+        for name, options in self.workflow_inputs.items():
+            if name not in inputs:
+                return _json(422, {"message": f"Required input '{name}' not provided"})
+            if options is not None and inputs[name] not in options:
+                return _json(
+                    422,
+                    {
+                        "message": f"Provided value '{inputs[name]}' for input '{name}' not in "
+                        f"the list of allowed values"
+                    },
+                )
         with self._lock:
             run_id = str(next(self._run_ids))
-            title = f"provision {inputs.get('job_id')} attempt {inputs.get('attempt')}"
+            # The workflow's run-name: "<mode> <job id> attempt <n>".
+            title = f"{inputs['mode']} {inputs['job_id']} attempt {inputs['attempt']}"
             self.runs[run_id] = self._new_run(run_id, title=title)
             self.dispatches.append(
                 Dispatch(

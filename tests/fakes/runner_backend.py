@@ -40,9 +40,9 @@ class RecordingBackend:
     def get_run(self, *, run_id: str) -> RunStatus | None:
         return None
 
-    def find_run(self, *, job_id: UUID, attempt: int) -> str | None:
-        for jid, att, _mode, _rid in self.dispatched:
-            if jid == str(job_id) and att == attempt:
+    def find_run(self, *, job_id: UUID, attempt: int, mode: str = "provision") -> str | None:
+        for jid, att, sent_mode, _rid in self.dispatched:
+            if jid == str(job_id) and att == attempt and sent_mode == mode:
                 return f"ghes-{jid[:8]}-{att}"
         return None
 

@@ -115,6 +115,37 @@ def test_our_workflow_file_from_another_branch_is_refused(oidc_issuer, settings)
     assert refusal(oidc_issuer.mint(workflow_ref=other)) == "wrong workflow"
 
 
+def test_the_repository_in_workflow_ref_is_compared_without_case(oidc_issuer, settings):
+    """GitHub writes the repository's canonical case; the setting may be typed in another."""
+    canonical = "Example-Org/Agent-Provisioning"
+    settings.GITHUB_REPOSITORY = canonical.lower()
+    ref = f"{canonical}/.github/workflows/{settings.GITHUB_WORKFLOW_FILE}@refs/heads/main"
+
+    identity = verify_run_token(oidc_issuer.mint(workflow_ref=ref, repository=canonical))
+
+    assert identity.run_id
+
+
+def test_the_workflow_file_and_branch_in_workflow_ref_keep_their_case(oidc_issuer, settings):
+    repo = settings.GITHUB_REPOSITORY
+    for other in (
+        f"{repo}/.github/workflows/{settings.GITHUB_WORKFLOW_FILE.upper()}@refs/heads/main",
+        f"{repo}/.github/workflows/{settings.GITHUB_WORKFLOW_FILE}@refs/heads/MAIN",
+        f"{repo}x/.github/workflows/{settings.GITHUB_WORKFLOW_FILE}@refs/heads/main",
+    ):
+        assert refusal(oidc_issuer.mint(workflow_ref=other)) == "wrong workflow", other
+
+
+def test_the_ref_may_be_given_per_call(oidc_issuer, settings):
+    repo, workflow = settings.GITHUB_REPOSITORY, settings.GITHUB_WORKFLOW_FILE
+    token = oidc_issuer.mint(
+        ref="refs/heads/trunk", workflow_ref=f"{repo}/.github/workflows/{workflow}@refs/heads/trunk"
+    )
+
+    assert refusal(token) == "wrong workflow"
+    assert verify_run_token(token, ref="trunk").run_id
+
+
 def test_a_token_for_another_ref_is_refused(oidc_issuer):
     assert refusal(oidc_issuer.mint(ref="refs/heads/feature")) == "wrong ref"
 

@@ -288,6 +288,24 @@ def test_other_tokens_are_refused_with_401(api, token, claims):
     assert not JobEvent.objects.exists()
 
 
+def test_the_reaper_is_judged_by_github_reaper_ref_not_github_ref(api, token, settings):
+    """Scheduled runs always run on the default branch, while dispatches may use another."""
+    settings.GITHUB_REF, settings.GITHUB_REAPER_REF = "release", "main"
+    on_main = {
+        "ref": "refs/heads/main",
+        "workflow_ref": f"{settings.GITHUB_REPOSITORY}/.github/workflows/provision.yml"
+        "@refs/heads/main",
+    }
+    on_release = {
+        "ref": "refs/heads/release",
+        "workflow_ref": f"{settings.GITHUB_REPOSITORY}/.github/workflows/provision.yml"
+        "@refs/heads/release",
+    }
+
+    assert ask(api, token(**on_main), []).status_code == 200
+    assert ask(api, token(**on_release), []).status_code == 401
+
+
 def test_no_token_is_401(api, oidc_issuer):
     response = ask(api, None, [])
 

@@ -174,3 +174,52 @@ def test_any_accepted_name_survives_the_vars_file_as_ansible_reads_it(tmp_path, 
 
     loaded = AnsibleLoader((tmp_path / "vars.yml").read_text(encoding="utf-8")).get_single_data()
     assert str(loaded["agent_name"]) == name
+
+
+def test_every_step_of_a_run_shares_one_known_hosts_beside_the_state_file(tmp_path):
+    """wait-ssh and configure are separate processes: the host key the first learns must be the
+    one the second trusts, so it lives in $RUNNER_TEMP, not in a step's own temporary workdir."""
+    from provisioning.runner.pipeline import Runner
+    from provisioning.runner.state import RunState
+
+    runner_temp = tmp_path / "runner-temp"
+    runner_temp.mkdir()
+    settings = settings_for(tmp_path, RUNNER_TEMP=str(runner_temp))
+    wait_ssh_step = Runner(settings, RunState(job_id="j", attempt=1))
+    configure_step = Runner(settings, RunState(job_id="j", attempt=1))
+
+    learned = wait_ssh_step.known_hosts
+    learned.write_text("203.0.113.9 ssh-ed25519 AAAA\n")
+    wait_ssh_step.close()
+
+    assert learned.parent == runner_temp
+    assert configure_step.known_hosts == learned
+    assert learned.read_text() == "203.0.113.9 ssh-ed25519 AAAA\n"  # outlives the step
+    assert not learned.is_relative_to(configure_step.workdir)
+    configure_step.close()
+
+
+def test_configure_hands_ansible_the_shared_known_hosts(tmp_path):
+    runner_temp = tmp_path / "runner-temp"
+    runner_temp.mkdir()
+    settings = settings_for(
+        tmp_path, RUNNER_TEMP=str(runner_temp), RUNNER_ANSIBLE_PLAYBOOK=fake_ansible(tmp_path, 0)
+    )
+    from provisioning.runner.pipeline import Runner
+    from provisioning.runner.state import RunState
+
+    step = Runner(settings, RunState(job_id="j", attempt=1))
+
+    remote.configure(
+        settings,
+        "203.0.113.9",
+        step.known_hosts,
+        {},
+        tmp_path,
+        on_task=lambda _n: None,
+        log=lambda _line: None,
+        checkpoint=lambda: None,
+    )
+
+    assert f"UserKnownHostsFile={runner_temp}/" in (tmp_path / "argv").read_text()
+    step.close()

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from provisioning.backends.base import MODES, run_title
+from tests.fakes.github import WORKFLOW_INPUTS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "provision.yml"
 WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.y*ml"))
@@ -101,7 +104,7 @@ def test_workflow_grants_only_an_id_token_and_serialises_runs_per_job():
     assert workflow["permissions"] == {}
     assert job["permissions"] == {"id-token": "write", "contents": "read"}
     assert job["concurrency"] == {
-        "group": "provision-${{ inputs.job_id }}",
+        "group": "${{ inputs.mode == 'cleanup' && 'cleanup' || 'provision' }}-${{ inputs.job_id }}",
         "cancel-in-progress": False,
     }
     assert job["environment"] == "production"
@@ -109,12 +112,64 @@ def test_workflow_grants_only_an_id_token_and_serialises_runs_per_job():
     # The service finds a dispatched run by this title; scheduled runs say what they are.
     assert workflow["run-name"] == (
         "${{ github.event_name == 'schedule' && 'reap managed servers' "
-        "|| format('provision {0} attempt {1}', inputs.job_id, inputs.attempt) }}"
+        "|| format('{0} {1} attempt {2}', inputs.mode, inputs.job_id, inputs.attempt) }}"
     )
     # PyYAML reads the bare key `on` as True.
     inputs = workflow[True]["workflow_dispatch"]["inputs"]
     assert set(inputs) == {"job_id", "attempt", "mode"}
     assert inputs["mode"]["options"] == ["provision", "cleanup", "deprovision"]
+
+
+def _concurrency_group(expression: str, *, mode: str, job_id: str) -> str:
+    """Evaluate the one expression shape the group uses: `${{ inputs.mode == 'x' && 'a' || 'b' }}`
+    and `${{ inputs.job_id }}`, so the test reads the workflow instead of repeating it."""
+
+    def evaluate(match: re.Match[str]) -> str:
+        body = match.group(1).strip()
+        if body == "inputs.job_id":
+            return job_id
+        cond = re.fullmatch(r"inputs\.mode == '(\w+)' && '(\w+)' \|\| '(\w+)'", body)
+        if cond is None:
+            raise AssertionError(f"unexpected expression in the concurrency group: {body}")
+        wanted, then, otherwise = cond.groups()
+        return then if mode == wanted else otherwise
+
+    return re.sub(r"\$\{\{(.*?)\}\}", evaluate, expression)
+
+
+def test_a_cleanup_run_never_shares_a_concurrency_group_with_a_provision_run():
+    """A group holds one running and one pending run; a newer pending run cancels the older one.
+    A retry sent while the failed run still finishes must not cancel the job's pending cleanup."""
+    group = _workflow()["jobs"]["provision"]["concurrency"]["group"]
+    job_id = "0b7c6a52-7d5e-4b7a-9a51-3f8f7f0c2d11"
+
+    groups = {mode: _concurrency_group(group, mode=mode, job_id=job_id) for mode in MODES}
+
+    assert groups["provision"] == groups["deprovision"] == f"provision-{job_id}"
+    assert groups["cleanup"] == f"cleanup-{job_id}"
+    other = _concurrency_group(group, mode="cleanup", job_id="another")
+    assert other != groups["cleanup"]
+
+
+def test_the_run_name_is_the_title_the_service_looks_runs_up_by():
+    run_name = _workflow()["run-name"]
+    [fmt] = re.findall(
+        r"format\('([^']*)', inputs\.mode, inputs\.job_id, inputs\.attempt\)", run_name
+    )
+    job_id = "0b7c6a52-7d5e-4b7a-9a51-3f8f7f0c2d11"
+
+    for mode in MODES:
+        title = fmt.replace("{0}", mode).replace("{1}", job_id).replace("{2}", "3")
+        assert title == run_title(job_id=job_id, attempt=3, mode=mode)
+
+
+def test_the_fake_github_checks_dispatch_inputs_against_the_workflows_inputs():
+    inputs = _workflow()[True]["workflow_dispatch"]["inputs"]
+
+    assert set(inputs) == set(WORKFLOW_INPUTS)
+    for name, spec in inputs.items():
+        options = tuple(spec["options"]) if "options" in spec else None
+        assert options == WORKFLOW_INPUTS[name], name
 
 
 def test_the_reaper_runs_every_15_minutes_in_its_own_job_with_only_an_id_token():
@@ -177,3 +232,27 @@ def test_steps_run_in_the_contract_order_with_timeouts_and_a_failure_handler():
     # Pinned to a commit: tests/workflows/test_supply_chain.py checks every `uses:`.
     assert checkout["uses"] == "actions/checkout@08c6903cd8c0fde910a37f88322edcfb5dd907a8"
     assert checkout["with"]["persist-credentials"] is False
+
+
+def _tasks(node):
+    """Every task of the playbook, in blocks and handlers too."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _tasks(item)
+    elif isinstance(node, dict):
+        if any(key.startswith("ansible.builtin.") for key in node):
+            yield node
+        for key in ("tasks", "pre_tasks", "post_tasks", "handlers", "block", "rescue", "always"):
+            if key in node:
+                yield from _tasks(node[key])
+
+
+def test_every_apt_task_waits_long_enough_for_the_dpkg_lock():
+    """A fresh Ubuntu runs unattended-upgrades right after boot; apt waits 60 s by default."""
+    yaml = pytest.importorskip("yaml")
+    plays = yaml.safe_load(PLAYBOOK.read_text())
+    apt_tasks = [t["ansible.builtin.apt"] for t in _tasks(plays) if "ansible.builtin.apt" in t]
+
+    assert apt_tasks
+    for task in apt_tasks:
+        assert int(task.get("lock_timeout", 60)) >= 600, task

@@ -1,3 +1,4 @@
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -5,8 +6,15 @@ import pytest
 
 from provisioning import backends
 from provisioning.backends import DispatchError, DispatchResult, RunStatus
+from provisioning.backends.base import run_title
 from provisioning.backends.github import GitHubBackend
-from tests.fakes.github import FakeGitHub, installed_fake_github, new_rsa_key
+from tests.fakes.github import (
+    RATE_LIMIT_RESET_SECONDS,
+    SECONDARY_RETRY_AFTER_SECONDS,
+    FakeGitHub,
+    installed_fake_github,
+    new_rsa_key,
+)
 
 
 class Clock:
@@ -294,3 +302,86 @@ def test_a_422_is_a_permanent_dispatch_error_with_githubs_message(github, fake):
 
     assert excinfo.value.status == 422
     assert not excinfo.value.is_transient
+
+
+def test_an_unknown_input_is_a_permanent_422_and_no_reason_to_drop_run_details(github, fake):
+    github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")  # token cached
+    # A workflow that no longer declares `mode` (say, an older branch): GitHub names the input.
+    fake.workflow_inputs = {"job_id": None, "attempt": None}
+    with pytest.raises(DispatchError) as excinfo:
+        github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+
+    assert excinfo.value.status == 422
+    assert not excinfo.value.is_transient
+    assert "Unexpected inputs provided" in str(excinfo.value)
+    posts = [r for r in fake.requests if r.url.path.endswith("/dispatches")]
+    assert len(posts) == 2  # the first dispatch, then one refused: not re-sent without the flag
+    assert json.loads(posts[-1].content)["return_run_details"] is True
+    fake.workflow_inputs = {"job_id": None, "attempt": None, "mode": None}
+    github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+    assert fake.dispatches[-1].return_run_details is True  # still asking for run details
+
+
+@pytest.mark.parametrize("status", [400, 422])
+def test_an_enterprise_server_refusing_run_details_with_400_or_422_gets_a_plain_dispatch(
+    github, fake, status
+):
+    fake.legacy_ghes, fake.legacy_ghes_status = True, status
+
+    result = github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+
+    assert result == DispatchResult(run_id=None)
+    assert [d.return_run_details for d in fake.dispatches] == [False]
+
+
+@pytest.mark.parametrize("status", [403, 429])
+def test_a_primary_rate_limit_says_when_it_resets(github, fake, status):
+    github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")  # token cached
+    fake.rate_limit_next(status=status)
+
+    with pytest.raises(DispatchError) as excinfo:
+        github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+
+    error = excinfo.value
+    assert error.status == status
+    assert error.is_transient
+    assert error.retry_after is not None
+    assert RATE_LIMIT_RESET_SECONDS - 5 <= error.retry_after <= RATE_LIMIT_RESET_SECONDS
+    assert "rate limit exceeded" in str(error)
+
+
+@pytest.mark.parametrize("status", [403, 429])
+def test_a_secondary_rate_limit_passes_on_retry_after(github, fake, status):
+    github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+    fake.rate_limit_next(status=status, secondary=True)
+
+    with pytest.raises(DispatchError) as excinfo:
+        github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+
+    assert excinfo.value.retry_after == SECONDARY_RETRY_AFTER_SECONDS
+    assert excinfo.value.is_transient
+    assert f"retry after {SECONDARY_RETRY_AFTER_SECONDS} s" in str(excinfo.value)
+
+
+def test_a_plain_403_is_permanent_and_names_no_wait(github, fake):
+    github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+    fake.fail_next(status=403)
+
+    with pytest.raises(DispatchError) as excinfo:
+        github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+
+    assert excinfo.value.retry_after is None
+    assert not excinfo.value.is_transient
+
+
+def test_find_run_never_takes_the_cleanup_run_of_the_same_attempt(github, fake):
+    job_id = uuid.uuid4()
+    fake.legacy_ghes = True
+    github.dispatch(job_id=job_id, attempt=1, mode="provision")
+    github.dispatch(job_id=job_id, attempt=1, mode="cleanup")  # newer: listed first
+
+    assert github.find_run(job_id=job_id, attempt=1) == fake.dispatches[0].run_id
+    assert github.find_run(job_id=job_id, attempt=1, mode="cleanup") == fake.dispatches[1].run_id
+    assert fake.runs[fake.dispatches[1].run_id]["display_title"] == run_title(
+        job_id=job_id, attempt=1, mode="cleanup"
+    )

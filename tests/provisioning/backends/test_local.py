@@ -181,6 +181,21 @@ def test_another_process_can_cancel_a_run_by_its_pid_file(local, stub, settings)
     assert local.wait(run_id=run_id, timeout=10) != 0
 
 
+def test_another_process_sees_a_live_run_as_in_progress_by_its_pid_file(local, stub, settings):
+    """The worker re-sending an unclaimed dispatch the web process started: a live runner process
+    is a run that may still claim, so it waits instead of starting a twin."""
+    behave(settings, "sleep")
+    run_id = local.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision").run_id
+    wait_for_file(stub)
+    other = LocalBackend()  # knows nothing of the run but its files
+
+    status = other.get_run(run_id=run_id)
+
+    assert status is not None and status.status == "in_progress" and status.may_still_claim
+    local.cancel_run(run_id=run_id)
+    local.wait(run_id=run_id, timeout=10)
+
+
 def test_unknown_runs_are_none(local, stub):
     assert local.get_run(run_id="123") is None
     assert local.find_run(job_id=uuid.uuid4(), attempt=1) is None
