@@ -137,56 +137,22 @@ class Command(BaseCommand):
     # -- main ------------------------------------------------------------------------------------
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if not settings.DEBUG:
-            raise CommandError(
-                "run_local_stack is for local development: it runs Django's development server "
-                "and loopback fakes. Run it with DJANGO_DEBUG=1 (`make run` does)."
-            )
+        self._require_debug()
         self._out_lock = threading.Lock()
         self._stopping = threading.Event()
         self._signal: int | None = None
 
-        web_port = options["web_port"] or (
-            _port_of(settings.PUBLIC_BASE_URL, 8000)
-            if _is_loopback(settings.PUBLIC_BASE_URL)
-            else 8000
-        )
-        hetzner_port = options["hetzner_port"] or _port_of(settings.LOCAL_HETZNER_URL, 8701)
-        oidc_port = options["oidc_port"] or _port_of(settings.LOCAL_OIDC_ISSUER_URL, 8702)
-        for label, port in (("web", web_port), ("hetzner", hetzner_port), ("oidc", oidc_port)):
-            if not _port_free(port):
-                raise CommandError(
-                    f"port {port} ({label}) on {HOST} is in use: is another `make run` still "
-                    f"running? Choose another with --{label}-port or LOCAL_{label.upper()}_PORT."
-                )
-
+        web_port, hetzner_port, oidc_port = self._ports(options)
         public_url = settings.PUBLIC_BASE_URL
         if _is_loopback(public_url):
             public_url = _with_port(public_url, web_port)
         hetzner_url = f"http://{HOST}:{hetzner_port}{urlsplit(settings.LOCAL_HETZNER_URL).path}"
         issuer_url = f"http://{HOST}:{oidc_port}"
-
-        child_env = dict(os.environ)
-        child_env.update(
-            {
-                "PYTHONUNBUFFERED": "1",
-                "PUBLIC_BASE_URL": public_url,
-                "LOCAL_HETZNER_URL": hetzner_url,
-                "LOCAL_OIDC_ISSUER_URL": issuer_url,
-            }
-        )
         local_runner = settings.PROVISIONING_RUNNER == "local"
-        if local_runner:
-            # The web server must trust exactly the issuer started here.
-            child_env["PROVISIONING_OIDC_ISSUER"] = issuer_url
-            child_env["PROVISIONING_OIDC_JWKS_URL"] = f"{issuer_url}/.well-known/jwks"
-        self._child_env = child_env
+        self._child_env = self._environment(public_url, hetzner_url, issuer_url, local_runner)
 
-        if not options["skip_webhook_setup"] and "setup_stripe_webhook" in get_commands():
-            try:
-                call_command("setup_stripe_webhook", stdout=self.stdout, stderr=self.stderr)
-            except Exception as exc:  # the pipeline still works without Stripe events
-                self._say(f"setup_stripe_webhook failed ({exc}); test payments will be refused")
+        if not options["skip_webhook_setup"]:
+            self._setup_stripe_webhook()
 
         python = sys.executable
         manage = str(Path(settings.BASE_DIR) / "manage.py")
@@ -252,24 +218,7 @@ class Command(BaseCommand):
         ]
         self._children = children
 
-        previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        failed: Child | None = None
-        try:
-            for child in children:
-                self._start(child)
-                if child.port is not None:
-                    failed = self._wait_ready(child, child.port)
-                    if failed is not None or self._stopping.is_set():
-                        break
-            if failed is None and not self._stopping.is_set():
-                self._banner(public_url, hetzner_url, issuer_url, local_runner)
-                failed = self._supervise()
-        finally:
-            self._shutdown()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        failed = self._run_children(public_url, hetzner_url, issuer_url, local_runner)
         if failed is not None:
             code = failed.poll()
             raise CommandError(
@@ -277,6 +226,93 @@ class Command(BaseCommand):
                 returncode=code if code and code > 0 else 1,
             )
         self._say("stopped")
+
+    # -- settings --------------------------------------------------------------------------------
+
+    def _require_debug(self) -> None:
+        if not settings.DEBUG:
+            raise CommandError(
+                "run_local_stack is for local development: it runs Django's development server "
+                "and loopback fakes. Run it with DJANGO_DEBUG=1 (`make run` does)."
+            )
+
+    def _ports(self, options: dict[str, Any]) -> tuple[int, int, int]:
+        """The web, Hetzner and OIDC ports (option, else the configured URL, else the default),
+        refusing to start if one is taken."""
+        web_port = options["web_port"] or (
+            _port_of(settings.PUBLIC_BASE_URL, 8000)
+            if _is_loopback(settings.PUBLIC_BASE_URL)
+            else 8000
+        )
+        hetzner_port = options["hetzner_port"] or _port_of(settings.LOCAL_HETZNER_URL, 8701)
+        oidc_port = options["oidc_port"] or _port_of(settings.LOCAL_OIDC_ISSUER_URL, 8702)
+        for label, port in (("web", web_port), ("hetzner", hetzner_port), ("oidc", oidc_port)):
+            if not _port_free(port):
+                raise CommandError(
+                    f"port {port} ({label}) on {HOST} is in use: is another `make run` still "
+                    f"running? Choose another with --{label}-port or LOCAL_{label.upper()}_PORT."
+                )
+        return web_port, hetzner_port, oidc_port
+
+    def _environment(
+        self, public_url: str, hetzner_url: str, issuer_url: str, local_runner: bool
+    ) -> dict[str, str]:
+        """The children's environment: the URLs chosen here, so they all agree with each other."""
+        child_env = dict(os.environ)
+        child_env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "PUBLIC_BASE_URL": public_url,
+                "LOCAL_HETZNER_URL": hetzner_url,
+                "LOCAL_OIDC_ISSUER_URL": issuer_url,
+            }
+        )
+        if local_runner:
+            # The web server must trust exactly the issuer started here.
+            child_env["PROVISIONING_OIDC_ISSUER"] = issuer_url
+            child_env["PROVISIONING_OIDC_JWKS_URL"] = f"{issuer_url}/.well-known/jwks"
+        return child_env
+
+    def _setup_stripe_webhook(self) -> None:
+        if "setup_stripe_webhook" not in get_commands():
+            return
+        try:
+            call_command("setup_stripe_webhook", stdout=self.stdout, stderr=self.stderr)
+        except Exception as exc:  # the pipeline still works without Stripe events
+            self._say(f"setup_stripe_webhook failed ({exc}); test payments will be refused")
+
+    # -- supervision -----------------------------------------------------------------------------
+
+    def _run_children(
+        self, public_url: str, hetzner_url: str, issuer_url: str, local_runner: bool
+    ) -> Child | None:
+        """Start the children, print the banner once all are up, supervise until a signal or a
+        child's exit, then stop them all. Returns the child that failed, if one did."""
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            failed = self._start_all()
+            if failed is None and not self._stopping.is_set():
+                self._banner(public_url, hetzner_url, issuer_url, local_runner)
+                failed = self._supervise()
+        finally:
+            self._shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return failed
+
+    def _start_all(self) -> Child | None:
+        """Start the children in order, waiting for each one with a port to accept connections
+        before starting the next. Returns the child that died or never opened its port; stops
+        early on a signal."""
+        for child in self._children:
+            self._start(child)
+            if child.port is not None:
+                failed = self._wait_ready(child, child.port)
+                if failed is not None or self._stopping.is_set():
+                    return failed
+        return None
 
     # -- children --------------------------------------------------------------------------------
 
