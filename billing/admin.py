@@ -35,8 +35,26 @@ class ResolvedFilter(admin.SimpleListFilter):
         return queryset
 
 
+class OperatorCaseAdmin(admin.ModelAdmin[_Case]):
+    """What every operator case's admin shares: rows come only from events or checks (never added
+    by hand), and the one action marks the selected cases resolved, by whom."""
+
+    noun = "cases"  # what the report counts ("Resolved 2 of 3 payments.")
+    actions = ["mark_resolved"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Mark selected cases resolved", permissions=["change"])
+    def mark_resolved(self, request: HttpRequest, queryset: QuerySet[_Case]) -> None:
+        rows = list(queryset)
+        done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
+        self.message_user(request, f"Resolved {done} of {len(rows)} {self.noun}.")
+
+
 @admin.register(UnfulfillablePayment)
-class UnfulfillablePaymentAdmin(admin.ModelAdmin[UnfulfillablePayment]):
+class UnfulfillablePaymentAdmin(OperatorCaseAdmin[UnfulfillablePayment]):
+    noun = "payments"
     list_display = [
         "created_at",
         "stripe_event_id",
@@ -70,20 +88,11 @@ class UnfulfillablePaymentAdmin(admin.ModelAdmin[UnfulfillablePayment]):
         "resolved_by",
     ]
     fields = [*readonly_fields, "note"]
-    actions = ["mark_resolved"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # rows come from Stripe events only
-
-    @admin.action(description="Mark selected payments resolved", permissions=["change"])
-    def mark_resolved(self, request: HttpRequest, queryset: QuerySet[UnfulfillablePayment]) -> None:
-        rows = list(queryset)
-        done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
-        self.message_user(request, f"Resolved {done} of {len(rows)} payments.")
 
 
 @admin.register(UnmatchedEndingEvent)
-class UnmatchedEndingEventAdmin(admin.ModelAdmin[UnmatchedEndingEvent]):
+class UnmatchedEndingEventAdmin(OperatorCaseAdmin[UnmatchedEndingEvent]):
+    noun = "events"
     """Subscription cancellations, refunds and disputes that named no single agent: nothing was
     ended. Find the agent (search by customer or subscription id), end it from the agent's page
     if it should go, then mark the row resolved."""
@@ -121,20 +130,11 @@ class UnmatchedEndingEventAdmin(admin.ModelAdmin[UnmatchedEndingEvent]):
         "resolved_by",
     ]
     fields = [*readonly_fields, "note"]
-    actions = ["mark_resolved"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # rows come from Stripe events only
-
-    @admin.action(description="Mark selected events resolved", permissions=["change"])
-    def mark_resolved(self, request: HttpRequest, queryset: QuerySet[UnmatchedEndingEvent]) -> None:
-        rows = list(queryset)
-        done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
-        self.message_user(request, f"Resolved {done} of {len(rows)} events.")
 
 
 @admin.register(BillingDrift)
-class BillingDriftAdmin(admin.ModelAdmin[BillingDrift]):
+class BillingDriftAdmin(OperatorCaseAdmin[BillingDrift]):
+    noun = "cases"
     """Subscriptions Stripe still bills whose agent has ended, found by the Stripe catch-up's
     drift check. Nothing was changed: refund or cancel in Stripe, or rebuild the agent, then
     mark the row resolved."""
@@ -164,16 +164,6 @@ class BillingDriftAdmin(admin.ModelAdmin[BillingDrift]):
         "resolved_by",
     ]
     fields = [*readonly_fields, "note"]
-    actions = ["mark_resolved"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # rows come from the drift check only
-
-    @admin.action(description="Mark selected cases resolved", permissions=["change"])
-    def mark_resolved(self, request: HttpRequest, queryset: QuerySet[BillingDrift]) -> None:
-        rows = list(queryset)
-        done = sum(services.operator_case_resolve(case=row, by=request.user) for row in rows)
-        self.message_user(request, f"Resolved {done} of {len(rows)} cases.")
 
 
 @admin.register(StripeCatchUp)

@@ -34,6 +34,7 @@ from provisioning.services.common import (
     fail_locked,
     fence_refusal,
     fenced,
+    job_or_run_refusal,
     record_move,
     spend_token,
 )
@@ -126,13 +127,9 @@ def job_claim(*, job_id: UUID | str, attempt: int, run: RunRef) -> ProvisioningJ
 
 
 def _claim_refusal(*, job_id: UUID | str, attempt: int, run: RunRef) -> Exception:
-    job = selectors.job_get(job_id=job_id)
-    if job is None:
-        return JobNotFound(job_id)
-    if job.workflow_run_id != run.run_id:
-        if selectors.job_was_dispatched_to_run(job_id=job_id, run_id=run.run_id):
-            return FencedOut(job_id=job_id, run_id=run.run_id, why="a newer dispatch owns it")
-        return WrongRun(job_id=job_id, run_id=run.run_id)
+    job = job_or_run_refusal(job_id, run)
+    if isinstance(job, Exception):
+        return job
     if attempt != job.attempt:
         return FencedOut(
             job_id=job_id, run_id=run.run_id, why=f"attempt {attempt} is over (now {job.attempt})"

@@ -129,8 +129,10 @@ def fenced(job_id: UUID | str, run: RunRef, move: Move) -> Q:
     )
 
 
-def fence_refusal(job_id: UUID | str, run: RunRef, move: Move) -> Exception:
-    """Why a fenced call matched no row: 404, 403 (never this job's run) or 409."""
+def job_or_run_refusal(job_id: UUID | str, run: RunRef) -> ProvisioningJob | Exception:
+    """What every run's call is refused for first: no such job (404), a run never dispatched for
+    it (403 WrongRun), a run a newer dispatch replaced (409 FencedOut). The job if this is its
+    current run."""
     job = selectors.job_get(job_id=job_id)
     if job is None:
         return JobNotFound(job_id)
@@ -138,6 +140,14 @@ def fence_refusal(job_id: UUID | str, run: RunRef, move: Move) -> Exception:
         if selectors.job_was_dispatched_to_run(job_id=job_id, run_id=run.run_id):
             return FencedOut(job_id=job_id, run_id=run.run_id, why="a newer dispatch owns it")
         return WrongRun(job_id=job_id, run_id=run.run_id)
+    return job
+
+
+def fence_refusal(job_id: UUID | str, run: RunRef, move: Move) -> Exception:
+    """Why a fenced call matched no row: 404, 403 (never this job's run) or 409."""
+    job = job_or_run_refusal(job_id, run)
+    if isinstance(job, Exception):
+        return job
     if job.run_attempt is not None and job.run_attempt != run.run_attempt:
         return FencedOut(job_id=job_id, run_id=run.run_id, why="another run attempt claimed it")
     if not job.allows(move):

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from provisioning import backends, selectors
-from provisioning.backends.base import DispatchError, RunnerBackend
+from provisioning.backends.base import DispatchError, DispatchResult, RunnerBackend
 from provisioning.models import Actor, JobEvent, ProvisioningJob, Step
 from provisioning.services.common import after_commit, record_move
 from provisioning.state import CLEANUP, DISPATCH, DISPATCH_FAILED
@@ -51,6 +51,43 @@ def job_dispatch_next(
     """
     backend = backend or backends.get_backend()
     now = now or timezone.now()
+    taken = _take_due(now=now)
+    if taken is None:
+        return None
+    job, unclaimed = taken
+    mode = "deprovision" if job.is_deprovision else "provision"
+    # Outside any lock: talk to GitHub (or start the local runner).
+    previous_run: str | None = None
+    if unclaimed is not _NOT_A_RESEND:
+        replaced = _replace_or_wait(job, backend, mode=mode, previous_run=unclaimed, now=now)
+        if replaced is _KEEP_WAITING:
+            job.refresh_from_db()
+            return job
+        previous_run = replaced if isinstance(replaced, str) else None
+    try:
+        result = backend.dispatch(job_id=job.pk, attempt=job.attempt, mode=mode)
+    except Exception as exc:
+        dispatch_failed(job=job, dispatched_at=now, error=exc)
+        return job
+    recorded = _record_dispatch(job, backend, result, previous_run=previous_run, now=now)
+    _cancel_orphans(backend, previous_run=previous_run, result=result, recorded=recorded)
+    if recorded:  # we know what the row holds now; no read back
+        job.dispatched_at, job.workflow_run_id, job.run_attempt = now, result.run_id, None
+    else:
+        job.refresh_from_db()
+    return job
+
+
+# Markers for the phases below (a run id is a string or None, so these cannot be mistaken for one).
+_NOT_A_RESEND = object()
+_KEEP_WAITING = object()
+
+
+def _take_due(*, now: datetime) -> tuple[ProvisioningJob, object] | None:
+    """Lock the next due job (SKIP LOCKED) and mark it dispatched; with the run it re-sends, if any.
+
+    The second value is the unclaimed run of a re-send (a run id or None), else _NOT_A_RESEND.
+    """
     # Hetzner's server limit was hit: builds wait; deprovisions go (they free servers).
     held = selectors.capacity_hold_in_force(now=now) is not None
     due = selectors.job_list_due(now=now, builds_held=held)
@@ -59,41 +96,51 @@ def job_dispatch_next(
         if job is None:
             return None
         resend = job.dispatched_at is not None
-        # Set only when this is a re-send of an unclaimed dispatch of the same attempt.
-        previous_run = job.workflow_run_id if resend else None
         fields: dict[str, object] = {"dispatched_at": now, "updated_at": now}
         if not resend:
             fields.update(workflow_run_id=None, run_attempt=None)
         ProvisioningJob.objects.filter(pk=job.pk, status__in=DISPATCH.sources).update(**fields)
-    # Outside any lock: talk to GitHub (or start the local runner).
-    mode = "deprovision" if job.is_deprovision else "provision"
-    if resend:
-        run_id, waiting = _previous_run_or_wait(job, backend, mode=mode, run_id=previous_run)
-        if waiting:
-            if run_id and not previous_run:
-                # Found by its title: the run's claim now checks against this id, not the title
-                # (whose dispatch event is older than the dispatched_at just written).
-                ProvisioningJob.objects.filter(
-                    pk=job.pk,
-                    status__in=DISPATCH.sources,
-                    attempt=job.attempt,
-                    dispatched_at=now,
-                    workflow_run_id__isnull=True,
-                ).update(workflow_run_id=run_id)
-            job.refresh_from_db()
-            return job
-        previous_run = run_id
-        forgotten = ProvisioningJob.objects.filter(
-            pk=job.pk, status__in=DISPATCH.sources, attempt=job.attempt, dispatched_at=now
-        ).update(workflow_run_id=None, run_attempt=None, updated_at=timezone.now())
-        if not forgotten:  # claimed (or cancelled) while we asked the backend: nothing to send
-            job.refresh_from_db()
-            return job
-    try:
-        result = backend.dispatch(job_id=job.pk, attempt=job.attempt, mode=mode)
-    except Exception as exc:
-        dispatch_failed(job=job, dispatched_at=now, error=exc)
-        return job
+    return job, (job.workflow_run_id if resend else _NOT_A_RESEND)
+
+
+def _replace_or_wait(
+    job: ProvisioningJob,
+    backend: RunnerBackend,
+    *,
+    mode: str,
+    previous_run: object,
+    now: datetime,
+) -> object:
+    """A re-send: _KEEP_WAITING while the old run may still claim; else the run id to replace
+    (or None) once the row forgets it. _KEEP_WAITING too when the job was claimed meanwhile."""
+    known = previous_run if isinstance(previous_run, str) else None
+    run_id, waiting = _previous_run_or_wait(job, backend, mode=mode, run_id=known)
+    this_dispatch = ProvisioningJob.objects.filter(
+        pk=job.pk, status__in=DISPATCH.sources, attempt=job.attempt, dispatched_at=now
+    )
+    if waiting:
+        if run_id and not known:
+            # Found by its title: the run's claim now checks against this id, not the title
+            # (whose dispatch event is older than the dispatched_at just written).
+            this_dispatch.filter(workflow_run_id__isnull=True).update(workflow_run_id=run_id)
+        return _KEEP_WAITING
+    forgotten = this_dispatch.update(
+        workflow_run_id=None, run_attempt=None, updated_at=timezone.now()
+    )
+    if not forgotten:  # claimed (or cancelled) while we asked the backend: nothing to send
+        return _KEEP_WAITING
+    return run_id
+
+
+def _record_dispatch(
+    job: ProvisioningJob,
+    backend: RunnerBackend,
+    result: DispatchResult,
+    *,
+    previous_run: str | None,
+    now: datetime,
+) -> bool:
+    """Store the new run's id (DISPATCH) unless the job moved on meanwhile; True if stored."""
     with transaction.atomic():
         recorded = ProvisioningJob.objects.filter(
             pk=job.pk, status__in=DISPATCH.sources, attempt=job.attempt, dispatched_at=now
@@ -112,8 +159,15 @@ def job_dispatch_next(
                     else f"Run requested via {backend.name}; its id will be looked up at claim"
                 ),
             )
-    # Runs nobody should wait for: the unclaimed one this dispatch replaces, and the new one if the
-    # job was cancelled or moved on while we talked to the backend. Best effort: both are fenced.
+    return bool(recorded)
+
+
+def _cancel_orphans(
+    backend: RunnerBackend, *, previous_run: str | None, result: DispatchResult, recorded: bool
+) -> None:
+    """Runs nobody should wait for: the unclaimed one this dispatch replaces, and the new one if
+    the job was cancelled or moved on while we talked to the backend. Best effort: both are fenced.
+    """
     orphans = [previous_run] if previous_run and recorded else []
     if not recorded and result.run_id:
         orphans.append(result.run_id)
@@ -122,11 +176,6 @@ def job_dispatch_next(
             backend.cancel_run(run_id=orphan)
         except Exception:
             logger.exception("could not cancel superseded run %s", orphan)
-    if recorded:  # we know what the row holds now; no read back
-        job.dispatched_at, job.workflow_run_id, job.run_attempt = now, result.run_id, None
-    else:
-        job.refresh_from_db()
-    return job
 
 
 def _previous_run_or_wait(
