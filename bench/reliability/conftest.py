@@ -116,7 +116,10 @@ def live_db(django_db_setup: Any, django_db_blocker: Any) -> Iterator[str]:
 def hetzner() -> Iterator[Any]:
     from provisioning.localdev.fake_hetzner import FakeHetzner
 
-    with FakeHetzner() as fake:
+    # One fake for the whole session: its stacks build several hundred VMs (the storm alone is 100)
+    # and poll fast. This stands for a project whose server limit and API budget were raised;
+    # the limits themselves are exercised in tests/runner and tests/provisioning/test_capacity.py.
+    with FakeHetzner(server_limit=100_000, rate_limit=1_000_000) as fake:
         yield fake
 
 
