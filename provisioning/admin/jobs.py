@@ -78,11 +78,8 @@ class FailedStepFilter(admin.ChoicesFieldListFilter):
 
 @dataclass(frozen=True)
 class JobAction:
-    """One operator action: the service it calls and the move that service performs.
-
-    The move says which jobs the action applies to (`move.sources`); the console offers it on a
-    job's page only where `job.allows(move)`.
-    """
+    """One operator action: its service and that service's move, which says which jobs it applies
+    to (`move.sources`); a job's page offers it only where `job.allows(move)`."""
 
     name: str
     verb: str  # past tense for the report: "3 retried"
@@ -536,11 +533,10 @@ class StatusCount:
 def job_overview(*, now: datetime) -> dict[str, Any]:
     """Counts by status, oldest queued age, stale count: a handful of short index scans.
 
-    A GROUP BY over the status column reads every row (or, for a few states, every matching heap
-    page). Each state is counted exactly up to OVERVIEW_EXACT_LIMIT rows instead (queued and
-    provisioning, the states an operator acts on now, stay well below it; their partial indexes
-    serve them); bigger figures (running, years of failed jobs) are PostgreSQL's estimate, shown
-    with "≈".
+    A GROUP BY over the status column reads every row. Each state is counted exactly up to
+    OVERVIEW_EXACT_LIMIT rows instead (queued and provisioning, which operators act on, stay well
+    below it, served by their partial indexes); bigger figures (running, years of failed jobs)
+    are PostgreSQL's estimate, shown with "≈".
     """
     counts: dict[str, tuple[int, bool]] = {
         status: capped_count(
