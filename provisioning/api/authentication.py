@@ -105,22 +105,23 @@ class IsWorkflowRun(BasePermission):
 
 
 # drf-spectacular registers each extension in an unannotated __init_subclass__: the one untyped
-# call strict mypy sees in these two class statements.
+# call strict mypy sees in the two scheme class statements below.
 class WorkflowRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
     """Describes the bearer scheme in the OpenAPI schema (drf-spectacular finds it by import)."""
 
     target_class = "provisioning.api.authentication.WorkflowRunAuthentication"
     name = "workflowRunToken"
+    description = (
+        "A GitHub Actions OIDC ID token of a run of our workflow, minted fresh for every "
+        "call (its jti is single-use on claim, complete and fail)."
+    )
 
     def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
         return {
             "type": "http",
             "scheme": "bearer",
             "bearerFormat": "JWT",
-            "description": (
-                "A GitHub Actions OIDC ID token of a run of our workflow, minted fresh for every "
-                "call (its jti is single-use on claim, complete and fail)."
-            ),
+            "description": self.description,
         }
 
 
@@ -141,17 +142,10 @@ class ReaperRunAuthentication(WorkflowRunAuthentication):
         return str(settings.GITHUB_REAPER_REF)
 
 
-class ReaperRunAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+class ReaperRunAuthenticationScheme(WorkflowRunAuthenticationScheme):  # type: ignore[no-untyped-call]
     target_class = "provisioning.api.authentication.ReaperRunAuthentication"
     name = "reaperRunToken"
-
-    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
-        return {
-            "type": "http",
-            "scheme": "bearer",
-            "bearerFormat": "JWT",
-            "description": (
-                "A GitHub Actions OIDC ID token of a scheduled (or manually dispatched) run of "
-                "our workflow on our branch, minted fresh for the call."
-            ),
-        }
+    description = (
+        "A GitHub Actions OIDC ID token of a scheduled run of our workflow on the reaper's "
+        "branch (GITHUB_REAPER_REF), minted fresh for the call."
+    )
