@@ -55,6 +55,8 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "axes",  # login throttling
+    "allauth",  # the customers' sign-up, login, email verification and password reset
+    "allauth.account",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's assets, served by us (no CDN)
@@ -72,6 +74,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -81,10 +84,15 @@ MIDDLEWARE = [
 
 # --- Login throttling (django-axes): /accounts/login/ and /admin/login/ -------------------------
 # Axes' backend comes first: it refuses a locked-out login before any password is checked.
+# Django's own backend serves the admin's login; allauth's, the customers' (user name or email).
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
+    "allauth.account.auth_backends.AuthenticationBackend",
 ]
+# The admin's form posts `username`, allauth's posts `login` (a user name or an email address):
+# both count against the same lockout (config/accounts.py).
+AXES_USERNAME_CALLABLE = "config.accounts.axes_username"
 AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
 # A user name (from any address) or an address (for any user name) with that many failures is
 # locked out for the cool-off; a successful login forgets the failures.
@@ -156,6 +164,19 @@ if TESTING:
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/agents/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+# --- Customer accounts (django-allauth at /accounts/) ----------------------------------------------
+# Anyone can sign up with an email address and a user name; nobody logs in before confirming the
+# address (the link in the email). Log in with either. Operators use the admin's own login.
+ACCOUNT_LOGIN_METHODS = {"username", "email"}
+ACCOUNT_SIGNUP_FIELDS = ["email*", "username*", "password1*", "password2*"]
+ACCOUNT_EMAIL_VERIFICATION = "mandatory"
+ACCOUNT_UNIQUE_EMAIL = True
+ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Agent Cloud] "
+ACCOUNT_DEFAULT_HTTP_PROTOCOL = "https" if PUBLIC_BASE_URL.startswith("https://") else "http"
+# django-axes throttles failed logins (above); allauth's own counter of failed logins would answer
+# differently (a form error instead of axes' 429). Its other limits (sign-ups, reset emails) stay.
+ACCOUNT_RATE_LIMITS = {"login_failed": False}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

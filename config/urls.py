@@ -1,6 +1,7 @@
-"""Every door into the service: admin, login, the Stripe webhook, billing's pages, the API and
+"""Every door into the service: admin, customer accounts, the Stripe webhook, billing's pages, the API and
 its schema, monitoring, and the customer dashboard."""
 
+from allauth.account import views as account_views
 from csp.constants import UNSAFE_INLINE
 from csp.decorators import csp_update
 from django.contrib import admin
@@ -26,7 +27,11 @@ urlpatterns = [
         name="favicon",
     ),
     path("admin/", admin.site.urls),
-    path("accounts/", include("django.contrib.auth.urls")),
+    # Customers' accounts (django-allauth): sign-up, login, email confirmation, password reset.
+    # `login` and `logout` keep naming the login and logout pages as they did before allauth.
+    path("accounts/login/", account_views.login, name="login"),
+    path("accounts/logout/", account_views.logout, name="logout"),
+    path("accounts/", include("allauth.urls")),
     # dj-stripe's webhook view behind a body check (billing/webhook.py); same path and name.
     path("stripe/webhook/<uuid:uuid>/", StripeWebhookView.as_view(), name="stripe-webhook"),
     path("stripe/", include("djstripe.urls", namespace="djstripe")),

@@ -14,10 +14,22 @@ class UserFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = get_user_model()
         django_get_or_create = ("username",)
+        skip_postgeneration_save = True
 
     username = factory.Sequence(lambda n: f"customer{n}")
     email = factory.LazyAttribute(lambda u: f"{u.username}@example.com")
     password = factory.django.Password("correct horse battery staple")
+
+    @factory.post_generation
+    def verified_email(obj: Any, create: bool, extracted: bool | None, **_kwargs: Any) -> None:
+        """A customer who can log in: allauth lets nobody in before their email is confirmed.
+        `verified_email=False` leaves the address unconfirmed (as right after sign-up)."""
+        if create and obj.email and extracted is not False:
+            from allauth.account.models import EmailAddress
+
+            EmailAddress.objects.update_or_create(
+                user=obj, email=obj.email, defaults={"verified": True, "primary": True}
+            )
 
 
 class AgentFactory(factory.django.DjangoModelFactory):

@@ -79,7 +79,8 @@ def page(browser: Any, live_server: Any) -> Iterator[Any]:
 def login(page: Any) -> Callable[..., None]:
     def log_in(username: str, password: str = PASSWORD, path: str = "/admin/login/") -> None:
         page.goto(path)
-        page.locator("#id_username").fill(username)
+        # The admin's form names the field `username`; the customers' (allauth), `login`.
+        page.locator("#id_username, #id_login").fill(username)
         page.locator("#id_password").fill(password)
         page.locator("#id_password").press("Enter")
         page.wait_for_load_state()

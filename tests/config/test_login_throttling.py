@@ -13,7 +13,9 @@ LOGIN_PAGES = [reverse("login"), reverse("admin:login")]
 
 
 def _login(client, url: str, username: str, password: str, address: str = "203.0.113.7"):
-    return client.post(url, {"username": username, "password": password}, REMOTE_ADDR=address)
+    # The customers' form (allauth) calls the field `login`; the admin's, `username`.
+    field = "login" if url == reverse("login") else "username"
+    return client.post(url, {field: username, "password": password}, REMOTE_ADDR=address)
 
 
 @pytest.mark.parametrize("url", LOGIN_PAGES)
@@ -79,7 +81,7 @@ def test_a_forwarded_for_header_is_not_trusted_without_a_declared_proxy(db, clie
     for n in range(settings.AXES_FAILURE_LIMIT):
         client.post(
             reverse("login"),
-            {"username": f"nobody{n}", "password": "guess"},
+            {"login": f"nobody{n}", "password": "guess"},
             REMOTE_ADDR="203.0.113.7",
             HTTP_X_FORWARDED_FOR=f"198.51.100.{n + 1}",  # a fresh spoofed address each time
         )

@@ -101,7 +101,7 @@ def test_the_login_page_renders_with_a_csrf_protected_form(client):
 
 def test_logging_in_lands_on_my_agents(client, customer):
     response = client.post(
-        reverse("login"), {"username": "ada", "password": "correct horse battery staple"}
+        reverse("login"), {"login": "ada", "password": "correct horse battery staple"}
     )
 
     assert response.status_code == 302

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from allauth.account.models import EmailAddress
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
@@ -46,6 +47,10 @@ def ensure_demo_user(login: DemoLogin) -> tuple[User, bool]:
     if created or not user.check_password(login.password):
         user.set_password(login.password)
     user.save()
+    # Its address counts as confirmed: allauth lets nobody log in before that.
+    EmailAddress.objects.update_or_create(
+        user=user, email=user.email, defaults={"verified": True, "primary": True}
+    )
     return user, created
 
 
