@@ -137,3 +137,13 @@ def stripe_http() -> Iterator[RefusingHTTPClient]:
     stripe.default_http_client = client
     yield client
     stripe.default_http_client = previous
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache() -> None:
+    """Every test starts with an empty cache: allauth keeps its rate limits there (one
+    confirmation email per address per few minutes, sign-ups per address), and one test's
+    sign-up must not hold back the next one's."""
+    from django.core.cache import cache
+
+    cache.clear()
