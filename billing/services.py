@@ -422,6 +422,32 @@ def checkout_session_create(
     return str(session.url)
 
 
+class PortalUnavailable(Exception):
+    """This agent has no Stripe customer to manage (bought before it was recorded, or by hand)."""
+
+
+def portal_session_create(
+    *, agent: Agent, return_url: str, http_client: stripe.HTTPClient | None = None
+) -> str:
+    """ "Manage subscription": where to send the agent's owner to see or cancel what they pay for.
+
+    A Stripe Customer Portal session for the customer the agent's checkout made (the caller has
+    checked that the agent is the logged-in customer's own); with BILLING_LOCAL_CHECKOUT the local
+    stand-in portal instead. Raises PortalUnavailable when the agent names no Stripe customer,
+    stripe.StripeError when Stripe refuses (e.g. no portal configuration in its dashboard).
+    """
+    if not agent.stripe_customer_id:
+        raise PortalUnavailable(f"agent {agent.pk} has no Stripe customer")
+    if settings.BILLING_LOCAL_CHECKOUT:
+        return reverse("billing:local-portal", args=[agent.pk])
+    session = stripe_client(http_client=http_client).v1.billing_portal.sessions.create(
+        params={"customer": agent.stripe_customer_id, "return_url": return_url}
+    )
+    if not session.url:
+        raise stripe.APIError("Stripe returned a portal session without a URL")
+    return str(session.url)
+
+
 def stripe_client(*, http_client: stripe.HTTPClient | None = None) -> stripe.StripeClient:
     """Our own Stripe client; its HTTP client defaults to the process-wide one (tests fake it)."""
     base: BaseAddresses | None = (

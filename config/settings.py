@@ -222,7 +222,7 @@ if not SECURE_HSTS_PRELOAD:
 # --- Content Security Policy (django-csp) --------------------------------------------------------
 # Every page (dashboard, admin, API docs) loads scripts, styles and images from this origin only:
 # no inline scripts or styles anywhere. Forms post here; the buy form's answer may redirect to
-# Stripe Checkout.
+# Stripe Checkout, and "Manage subscription"'s to Stripe's customer portal.
 CONTENT_SECURITY_POLICY = {
     "DIRECTIVES": {
         "default-src": [SELF],
@@ -233,7 +233,7 @@ CONTENT_SECURITY_POLICY = {
         "connect-src": [SELF],
         "object-src": [NONE],
         "base-uri": [SELF],
-        "form-action": [SELF, "https://checkout.stripe.com"],
+        "form-action": [SELF, "https://checkout.stripe.com", "https://billing.stripe.com"],
         "frame-ancestors": [NONE],
     }
 }
