@@ -20,6 +20,10 @@ from provisioning.models import RUNNER_STEPS, Agent, JobStatus, ProvisioningJob,
 
 ENDED = "ended"  # the state of an ended agent, whatever its last job did
 
+# The port the agent serves HTTP on: the playbook's `agent_health_port` (runner/playbook/site.yml),
+# which is also the runner's health-check port (RUNNER_HEALTH_PORT's default).
+AGENT_HTTP_PORT = 8080
+
 STEP_STATE_TEXT = {"done": "done", "current": "in progress", "failed": "failed", "pending": ""}
 
 
@@ -51,6 +55,8 @@ class AgentStatus:
     retry_count: int = 0
     max_retries: int = 0
     ipv4: str | None = None  # only while the agent is running
+    http_port: int | None = None  # the port a running agent serves HTTP on
+    health_url: str = ""  # where a running agent answers `{"status": "ok"}`
     ended_at: datetime | None = None
     follow_up: str = ""  # what happens next, for a failed agent
     can_reprovision: bool = False
@@ -197,6 +203,8 @@ def agent_status(agent: Agent, job: ProvisioningJob | None) -> AgentStatus:
             sentence="Your agent is up and running.",
             progress=100,
             ipv4=agent.ipv4,
+            http_port=AGENT_HTTP_PORT,
+            health_url=f"http://{agent.ipv4}:{AGENT_HTTP_PORT}/healthz" if agent.ipv4 else "",
             is_running=True,
         )
     # Failed: the plain-language reason for the step that failed; the raw error is for operators.

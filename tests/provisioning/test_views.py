@@ -11,6 +11,7 @@ from datetime import timedelta
 from urllib.parse import urlencode
 
 import pytest
+from django.conf import settings
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -18,6 +19,7 @@ from django.utils import timezone
 from provisioning import services
 from provisioning.errors import PROVISION_IN_PROGRESS_MESSAGE
 from provisioning.models import Agent, JobEvent, JobStatus, ProvisioningJob, Step
+from provisioning.web.presenters import AGENT_HTTP_PORT
 from tests.factories import AgentFactory, UserFactory
 from tests.provisioning.helpers import claimed, dispatch, enqueue, requeue_now
 
@@ -290,6 +292,24 @@ def test_a_running_agent_shows_its_address(customer_client, agent, backend):
     assert 'data-state="running"' in page
     assert '<code class="ipv4">203.0.113.7</code>' in page
     assert page.count('data-state="done"') == 6
+
+
+def test_a_running_agent_says_how_to_reach_it(customer_client, agent, backend):
+    job, run = claimed(backend, agent)
+    services.job_complete(job_id=job.pk, run=run, server_id="4711", ipv4="203.0.113.7")
+
+    page = html(customer_client.get(detail_url(agent)))
+    listing = html(customer_client.get("/agents/"))
+
+    assert 'href="http://203.0.113.7:8080/healthz"' in page
+    assert re.search(r"serves HTTP on port\s+8080 of that address", page)
+    assert "healthz" not in listing  # the list stays short: the agent's page says it
+
+
+def test_the_port_the_page_names_is_the_one_the_playbook_serves():
+    playbook = (settings.BASE_DIR / "provisioning/runner/playbook/site.yml").read_text()
+
+    assert re.search(rf"^\s+agent_health_port: {AGENT_HTTP_PORT}$", playbook, re.MULTILINE)
 
 
 def test_a_failed_agent_shows_the_plain_reason_never_the_raw_error(customer_client, agent, backend):
