@@ -24,6 +24,8 @@ migrate: install
 ## make run: migrate, create the demo logins, start the whole local pipeline on http://127.0.0.1:8000
 run: install
 	@mkdir -p var
+	@# A stack already running (its pid file in var/, or its ports taken): say so, touch nothing.
+	@$(LOCAL_ENV) $(PY) manage.py run_local_stack --check
 	$(LOCAL_ENV) $(PY) manage.py migrate --no-input
 	$(LOCAL_ENV) $(PY) manage.py seed_demo
 	$(LOCAL_ENV) $(PY) manage.py setup_stripe_webhook

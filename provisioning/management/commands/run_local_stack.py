@@ -10,9 +10,14 @@ Starts, each as a child process in its own process group:
 - ``worker``: ``manage.py provisioning_worker``.
 
 Before that it runs ``manage.py setup_stripe_webhook`` (if installed) so test events verify.
-Every child's output is printed with its name in front. Ctrl-C or SIGTERM stops them all (and any
-runner a child started) and exits 0; if a child dies on its own, the rest are stopped and the
-command exits non-zero.
+Every child's output is printed with its name in front. Ctrl-C, SIGTERM or SIGHUP (the terminal
+closed) stops them all (and any runner a child started) and exits 0; if a child dies on its own,
+the rest are stopped and the command exits non-zero. Each child is started through
+``provisioning.localdev.with_parent``, so on Linux the kernel stops it even if this process is
+killed outright (SIGKILL) and cannot stop it itself.
+
+``--check`` only says whether a stack is already running (its pid file in var/, or its ports
+taken) and exits 1 if so: `make run` asks before it migrates anything.
 
 Ports come from ``--web-port``/``--hetzner-port``/``--oidc-port``, else ``LOCAL_WEB_PORT``/
 ``LOCAL_HETZNER_PORT``/``LOCAL_OIDC_PORT``, else the ports in ``PUBLIC_BASE_URL``,
@@ -44,7 +49,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from provisioning.management.commands.seed_demo import DEMO_LOGINS, demo_urls
 
 HOST = "127.0.0.1"
+WITH_PARENT = "provisioning.localdev.with_parent"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+PID_FILE = "run_local_stack.pid"  # in --var-dir
 READY_TIMEOUT_SECONDS = 60.0
 STOP_GRACE_SECONDS = 10.0
 RUNNER_STOP_GRACE_SECONDS = 8.0
@@ -133,16 +140,38 @@ class Command(BaseCommand):
         parser.add_argument(
             "--skip-webhook-setup", action="store_true", help="don't run setup_stripe_webhook"
         )
+        parser.add_argument(
+            "--check",
+            action="store_true",
+            help="only check that no stack is running (pid file, ports); exit 1 if one is",
+        )
+        parser.add_argument(
+            "--var-dir",
+            default=None,
+            help="where the stack keeps its pid file, the fake cloud's state and the issuer's "
+            "key (default: var/)",
+        )
 
     # -- main ------------------------------------------------------------------------------------
 
     def handle(self, *args: Any, **options: Any) -> None:
         self._require_debug()
         self._out_lock = threading.Lock()
+        self._output_gone = False
         self._stopping = threading.Event()
         self._signal: int | None = None
+        var_dir = Path(options["var_dir"] or Path(settings.BASE_DIR) / "var")
+        pid_file = var_dir / PID_FILE
+        running = _running_stack(pid_file)
+        if running is not None:
+            raise CommandError(
+                f"`make run` is already running (pid {running}): use that one, or stop it first "
+                f"(Ctrl-C in its terminal, or `kill {running}`)."
+            )
 
         web_port, hetzner_port, oidc_port = self._ports(options)
+        if options["check"]:
+            return
         public_url = settings.PUBLIC_BASE_URL
         if _is_loopback(public_url):
             public_url = _with_port(public_url, web_port)
@@ -156,7 +185,7 @@ class Command(BaseCommand):
 
         python = sys.executable
         manage = str(Path(settings.BASE_DIR) / "manage.py")
-        key_path = Path(settings.BASE_DIR) / "var" / "local-oidc-key.pem"
+        key_path = var_dir / "local-oidc-key.pem"
         worker_argv = [python, manage, "provisioning_worker"]
         if options["worker_interval"] is not None:
             worker_argv += ["--interval", str(options["worker_interval"])]
@@ -175,7 +204,7 @@ class Command(BaseCommand):
                     str(options["hetzner_action_seconds"]),
                     # A restart of `make run` keeps the VMs the agents in the database point at.
                     "--state-file",
-                    str(Path(settings.BASE_DIR) / "var" / "fake-hetzner.json"),
+                    str(var_dir / "fake-hetzner.json"),
                 ],
                 port=hetzner_port,
             ),
@@ -218,7 +247,14 @@ class Command(BaseCommand):
         ]
         self._children = children
 
-        failed = self._run_children(public_url, hetzner_url, issuer_url, local_runner)
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            failed = self._run_children(public_url, hetzner_url, issuer_url, local_runner)
+        finally:
+            with contextlib.suppress(OSError):
+                if pid_file.read_text().strip() == str(os.getpid()):
+                    pid_file.unlink()
         if failed is not None:
             code = failed.poll()
             raise CommandError(
@@ -288,8 +324,10 @@ class Command(BaseCommand):
     ) -> Child | None:
         """Start the children, print the banner once all are up, supervise until a signal or a
         child's exit, then stop them all. Returns the child that failed, if one did."""
+        # SIGHUP: the terminal running `make run` was closed; it stops everything like Ctrl-C.
         previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         }
         try:
             failed = self._start_all()
@@ -318,8 +356,10 @@ class Command(BaseCommand):
 
     def _start(self, child: Child) -> None:
         self._say(f"starting {child.name}: {shlex.join(child.argv[1:])}")
+        # Through with_parent: the kernel stops the child if this process dies without doing so.
+        wrapped = [sys.executable, "-m", WITH_PARENT, str(os.getpid()), "--", *child.argv]
         process = child.process = subprocess.Popen(
-            child.argv,
+            wrapped,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -339,17 +379,26 @@ class Command(BaseCommand):
 
     def _pump(self, name: str, stream: IO[bytes]) -> None:
         prefix = f"[{name}] "
+        # Read to the end whatever happens to our own output: a child blocked on a full pipe
+        # would never stop.
         for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            with self._out_lock:
-                sys.stdout.write(prefix + line + "\n")
-                sys.stdout.flush()
+            self._write(prefix + raw.decode("utf-8", "replace").rstrip("\n") + "\n")
         stream.close()
 
     def _say(self, message: str) -> None:
+        self._write(f"[stack] {message}\n")
+
+    def _write(self, text: str) -> None:
+        """Print, unless the terminal is gone (closed: EIO; a closed pipe: EPIPE). Then the
+        shutdown goes on silently."""
         with self._out_lock:
-            sys.stdout.write(f"[stack] {message}\n")
-            sys.stdout.flush()
+            if self._output_gone:
+                return
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except OSError:
+                self._output_gone = True
 
     def _wait_ready(self, child: Child, port: int) -> Child | None:
         """Wait until the child accepts connections on `port`; returns the child if it died
@@ -488,15 +537,61 @@ class Command(BaseCommand):
             "  try (in another terminal):",
             f"    {try_command}",
             "",
-            "  knobs: LOCAL_RUNNER_FAIL_STEP=configure | LOCAL_RUNNER_KILL_AT_STEP=wait-ssh,",
-            "         LOCAL_RUNNER_STEP_SECONDS, JOB_TIMEOUT_SECONDS, RETRY_BACKOFF_SECONDS",
+            *knob_lines(),
+            "  other knobs: LOCAL_RUNNER_STEP_SECONDS, JOB_TIMEOUT_SECONDS, RETRY_BACKOFF_SECONDS",
             f"  runner logs {settings.LOCAL_RUNNER_LOG_DIR}",
             "=" * 78,
             "",
         ]
-        with self._out_lock:
-            sys.stdout.write("\n".join(lines) + "\n")
-            sys.stdout.flush()
+        self._write("\n".join(lines) + "\n")
+
+
+# Longer than this, a killed attempt's timeout is too slow to watch.
+WATCHABLE_TIMEOUT_SECONDS = 120
+
+
+def knob_lines() -> list[str]:
+    """The banner's word on the failure knobs: which one is on and what it does, or how to
+    turn one on."""
+    fail = settings.LOCAL_RUNNER_FAIL_STEP
+    kill = settings.LOCAL_RUNNER_KILL_AT_STEP
+    timeout = settings.JOB_TIMEOUT_SECONDS
+    if not (fail or kill):
+        return [
+            "  failure knob: none (every build succeeds). To see failures, start with",
+            "    LOCAL_RUNNER_FAIL_STEP=configure, or LOCAL_RUNNER_KILL_AT_STEP=wait-ssh",
+            "    JOB_TIMEOUT_SECONDS=30",
+        ]
+    lines = []
+    if fail:
+        lines.append(
+            f"  failure knob ON: LOCAL_RUNNER_FAIL_STEP={fail}: every build attempt fails at "
+            f"{fail}, retries, then fails for good"
+        )
+    if kill:
+        lines.append(
+            f"  failure knob ON: LOCAL_RUNNER_KILL_AT_STEP={kill}: every attempt's runner dies "
+            f"at {kill}; the worker times it out after {timeout}s of silence"
+        )
+        if timeout > WATCHABLE_TIMEOUT_SECONDS:
+            lines.append(
+                f"    (JOB_TIMEOUT_SECONDS={timeout}: start with JOB_TIMEOUT_SECONDS=30 to "
+                "watch it happen)"
+            )
+    return lines
+
+
+def _running_stack(pid_file: Path) -> int | None:
+    """The pid of a stack already running, from its pid file (a live process that is still a
+    run_local_stack, not a recycled pid); None if there is none."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid() or b"run_local_stack" not in cmdline or _gone(pid):
+        return None
+    return pid
 
 
 def _gone(pid: int) -> bool:
