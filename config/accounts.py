@@ -1,4 +1,5 @@
-"""Customer accounts: what django-axes needs to know about allauth's login form.
+"""Customer accounts: what django-axes needs to know about allauth's login form, and the form's
+labels.
 
 The admin's login form posts `username`; allauth's posts `login` (a user name or an email address)
 and hands the backends `username=` or `email=`. Axes counts failures per user name, so both forms
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from allauth.account import forms as allauth_forms
 from django.contrib.auth import get_user_model
 from django.http import HttpRequest
 
@@ -36,3 +38,13 @@ def axes_username(request: HttpRequest, credentials: dict[str, Any] | None) -> s
         if owner:
             return str(owner)
     return given
+
+
+class LoginForm(allauth_forms.LoginForm):  # type: ignore[misc]
+    """allauth's login form, labelled in the dashboard's words (allauth says "Login")."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["login"].label = "Username or email"
+        if "remember" in self.fields:
+            self.fields["remember"].label = "Keep me logged in on this device"
