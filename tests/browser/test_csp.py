@@ -1,5 +1,5 @@
 """The Content Security Policy in a real browser: every kind of page (dashboard, buy form, admin
-console, login, API docs) renders without a single violation, and Swagger UI comes from our own
+console, sign-up, login, password reset, API docs) renders without a single violation, and Swagger UI comes from our own
 static files (no CDN)."""
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ def test_the_customers_pages_pass_the_policy(page, login):
     JobFactory(agent=agent, user=customer, status=JobStatus.PROVISIONING, step=Step.CONFIGURE)
     violations, offsite = watch(page)
 
-    visit(page, reverse("login"))
+    for path in (
+        reverse("account_signup"),
+        reverse("account_reset_password"),
+        reverse("account_email_verification_sent"),
+        reverse("login"),
+    ):
+        visit(page, path)
     login("ada", path=reverse("login"))
     for path in (
         reverse("dashboard:agent-list"),
