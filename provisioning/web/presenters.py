@@ -52,6 +52,7 @@ class AgentStatus:
     max_retries: int = 0
     ipv4: str | None = None  # only while the agent is running
     ended_at: datetime | None = None
+    server_state: str = ""  # an ended agent's deprovision in words: "Deleting", "Deleted", ...
     follow_up: str = ""  # what happens next, for a failed agent
     can_reprovision: bool = False
     steps: list[StepRow] = field(default_factory=list)
@@ -161,6 +162,7 @@ def agent_status(agent: Agent, job: ProvisioningJob | None) -> AgentStatus:
             headline="Ended",
             sentence=f"This agent has ended: {reason}." if reason else "This agent has ended.",
             ended_at=agent.ended_at,
+            server_state=job.status_label.text if job is not None and job.is_deprovision else "",
             is_ended=True,
         )
     if job is None:

@@ -189,8 +189,9 @@ def test_job_page_shows_the_error_in_full_the_timeline_and_links(admin_client, b
 
     html = response.content.decode()
     assert response.status_code == 200
-    assert '<pre class="job-error">boom' in html
+    assert '<pre class="job-error job-output-tail">boom' in html  # attempt 1's panel
     assert "x" * 3000 in html
+    assert html.count("x" * 3000) == 1  # in the panel only, not pasted into the timeline too
     assert 'id="job-timeline"' in html
     for action in ["Enqueued", "Dispatched", "Claimed", "Failed"]:
         assert action in html
