@@ -34,7 +34,7 @@ from provisioning.admin.common import (
     run_link,
     skip_reason,
 )
-from provisioning.admin.job_page import event_transition
+from provisioning.admin.job_page import event_summary, event_transition
 from provisioning.errors import ProvisioningError
 from provisioning.models import Actor, Agent, JobEvent, JobKind, ProvisioningJob, status_label
 
@@ -287,9 +287,9 @@ class AgentAdmin(ReadOnlyAdmin):
 class JobEventAdmin(ReadOnlyAdmin):
     paginator = EstimatedCountPaginator
     list_display = [
-        "created_at",
+        "when",
         "job_link",
-        "actor",
+        "who",
         "action",
         "transition",
         "attempt",
@@ -297,7 +297,7 @@ class JobEventAdmin(ReadOnlyAdmin):
         "run",
         "short_reason",
     ]
-    list_display_links = ["created_at"]
+    list_display_links = ["when"]
     list_select_related = ["job"]  # its kind names the transition ("deleting → deleted")
     # Newest first by the primary key: always indexed, and it follows insertion order.
     ordering = ["-id"]
@@ -328,9 +328,23 @@ class JobEventAdmin(ReadOnlyAdmin):
     def run(self, event: JobEvent) -> SafeString | str:
         return run_link(event.workflow_run_id)
 
+    @admin.display(description="when")
+    def when(self, event: JobEvent) -> SafeString:
+        return format_html(
+            '<span title="{}">{}</span>',
+            local_time(event.created_at),
+            timezone.localtime(event.created_at).strftime("%b %-d, %H:%M:%S"),
+        )
+
+    @admin.display(description="who")
+    def who(self, event: JobEvent) -> SafeString:
+        short = event.actor.split(":", 1)[0] if event.workflow_run_id else event.actor
+        return format_html('<span title="{}">{}</span>', event.actor, short)
+
     @admin.display(description="why")
     def short_reason(self, event: JobEvent) -> str:
-        return event.reason if len(event.reason) <= 100 else event.reason[:99] + "…"
+        """One line: a failure's last line (what went wrong), else the first."""
+        return event_summary(event, limit=100)
 
     @admin.display(description="why")
     def reason_in_full(self, event: JobEvent) -> SafeString | str:

@@ -72,15 +72,19 @@ class TimelineRow:
     transition: str  # in the job's words ("deleting → deleted"), or ""
     stored: str  # the stored states, for the cell's title ("provisioning → running")
     run: SafeString | str
+    who: str  # the actor, short: a workflow run's id is in the run column
     why: str  # one line, at most WHY_CHARS
     why_is_cut: bool
     in_panel: bool  # the whole text is in its attempt's panel (a failure's report)
 
 
-def _first_line(text: str, limit: int) -> tuple[str, bool]:
-    stripped = text.strip()
-    line = stripped.splitlines()[0] if stripped else ""
-    cut = line != stripped
+def _one_line(text: str, limit: int, *, last: bool = False) -> tuple[str, bool]:
+    """One line of `text` (its first, or its `last`), at most `limit` long; and whether any of
+    the text was left out. A run's failure report is its step's output followed by the error
+    itself, so for failures the last line says what went wrong."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    line = (lines[-1] if last else lines[0]).strip() if lines else ""
+    cut = len(lines) > 1
     if len(line) > limit:
         line, cut = line[: limit - 1] + "…", True
     return line, cut
@@ -97,17 +101,23 @@ def event_transition(event: JobEvent, kind: str) -> tuple[str, str]:
     return said, f"{was or '∅'} → {now}"
 
 
+def event_summary(event: JobEvent, *, limit: int) -> str:
+    """An event's reason in one line: a failure's last line (what went wrong), else the first."""
+    return _one_line(event.reason, limit, last=event.action in FAILURES)[0]
+
+
 def timeline_rows(job: ProvisioningJob, events: list[JobEvent]) -> list[TimelineRow]:
     rows = []
     for event in events:
         said, stored = event_transition(event, job.kind)
-        why, cut = _first_line(event.reason, WHY_CHARS)
+        why, cut = _one_line(event.reason, WHY_CHARS, last=event.action in FAILURES)
         rows.append(
             TimelineRow(
                 event=event,
                 transition=said,
                 stored=stored,
                 run=run_link(event.workflow_run_id) if event.workflow_run_id else "—",
+                who="workflow" if event.actor.startswith("workflow:") else event.actor,
                 why=why,
                 why_is_cut=cut,
                 in_panel=cut and event.action in FAILURES,
@@ -155,7 +165,7 @@ def attempt_panels(job: ProvisioningJob, events: list[JobEvent]) -> list[Attempt
         outcome, key = _ending_outcome(job, end) if end else _open_outcome(job, number)
         headline, output = "", None
         if end is not None and end.action in FAILURES and end.reason.strip():
-            headline, _cut = _first_line(end.reason, HEADLINE_CHARS)
+            headline, _cut = _one_line(end.reason, HEADLINE_CHARS, last=True)
             output = Output(end.reason)
         panels.append(
             AttemptPanel(

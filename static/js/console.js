@@ -29,6 +29,10 @@
         }
         boundTable = table;
         const checkboxes = table.querySelectorAll('tr input.action-select');
+        const counter = document.querySelector('.action-counter');
+        if (counter) {
+            counter.dataset.actionsIcnt = String(checkboxes.length);  // "n of <rows> selected"
+        }
         if (checkboxes.length > 0) {
             window.Actions(checkboxes);
         }

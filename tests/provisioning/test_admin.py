@@ -123,7 +123,7 @@ def test_jobs_list_renders_the_overview_and_every_column(admin_client, backend):
         "region__exact=eu-central",
         "failed_step__exact=configure",
         "created_at__gte=2000-01-01+00:00:00%2B00:00",
-        "status__exact=queued&o=9",
+        "status__exact=queued&o=6",
     ],
 )
 def test_every_filter_renders(admin_client, query):
