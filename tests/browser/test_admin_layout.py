@@ -3,8 +3,9 @@ attempts stay readable (no cell narrower than its header's word, nothing cut off
 timeline's "why" wide enough to read), the admin home puts the console first, and the jobs list
 and a job page refresh themselves while work is active.
 
-With SCREENSHOT_DIR set (`SCREENSHOT_DIR=docs/screenshots make test-browser`-style), the layout
-tests also save the operator screenshots the README links.
+With SCREENSHOT_DIR set (`SCREENSHOT_DIR=docs/screenshots .venv/bin/python -m pytest
+tests/browser/test_admin_layout.py`), the layout tests also save the operator screenshots the
+README links.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +119,14 @@ def console_rows(*, attempts: int = 3, quiet: bool = False) -> Console:
     for n in range(6):
         owner = UserFactory(email=f"team-{n}.operations@customer-{n}-holdings.example")
         built = AgentFactory(owner=owner, ipv4=f"198.51.100.{n + 10}", server_id=str(4000 + n))
-        JobFactory(
+        done = JobFactory(
             agent=built,
             status=JobStatus.RUNNING,
             workflow_run_id=str(17761234500 + n),
             completed_at=timezone.now(),
+        )
+        ProvisioningJob.objects.filter(pk=done.pk).update(
+            created_at=timezone.now() - timedelta(hours=3 * n + 2, minutes=17 * n)
         )
     if quiet:  # nothing in flight: the list holds still for its picture
         building = JobFactory(status=JobStatus.RUNNING, completed_at=timezone.now())
@@ -180,7 +185,7 @@ def assert_sidebar_open(page: Any) -> None:
 
 def test_the_jobs_and_agents_lists_are_readable_at_1280_px(operator_page):
     page = operator_page
-    rows = console_rows(quiet=True)
+    rows = console_rows()
 
     page.goto(reverse("admin:provisioning_provisioningjob_changelist"))
     shoot(page, "admin-jobs")
@@ -251,7 +256,7 @@ def test_the_admin_home_puts_the_console_first_and_stripe_last_closed(operator_p
     assert first_models[:2] == ["Provisioning jobs", "Agents"]
     stripe = page.locator("#content-main .app-djstripe details")
     assert not stripe.evaluate("d => d.open")
-    assert "Stripe mirror (dj-stripe)" in stripe.locator("summary").inner_text()
+    assert "Stripe mirror (dj-stripe)" in stripe.locator("summary").text_content()
     assert not stripe.locator("table").is_visible()
     shoot(page, "admin-home")
 
