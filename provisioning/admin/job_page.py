@@ -203,7 +203,9 @@ def _step_now(job: ProvisioningJob) -> str:
         return f"{job.step or 'claimed'}{progress}"
     if job.failed_step:
         return f"✗ {job.failed_step}" if job.is_failed else f"retry after {job.failed_step}"
-    return "done" if job.is_running else "waiting"
+    if job.is_running:
+        return "deleted" if job.is_deprovision else "done"
+    return "waiting"
 
 
 def job_now(job: ProvisioningJob, *, now: datetime) -> JobNow:

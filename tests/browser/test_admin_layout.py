@@ -206,6 +206,10 @@ def test_the_jobs_and_agents_lists_are_readable_at_1280_px(operator_page):
     ended = page.locator("#result_list tr", has_text=rows.ended.name)
     assert ended.locator("td.field-latest_job").inner_text().strip() == "Deleted"
 
+    page.goto(reverse("admin:provisioning_agent_change", args=[rows.failed.agent_id]))
+    shoot(page, "admin-agent")
+    assert_readable(page, "#jobs-group table")
+
     page.goto(reverse("admin:provisioning_jobevent_changelist"))
     shoot(page, "admin-job-events")
     assert_readable(page, "#result_list")
