@@ -2,7 +2,8 @@
 
 Django lists apps alphabetically, which put dj-stripe's ~45 models above the operator's console.
 This site orders the apps by what an operator on call needs, and each app's models likewise.
-Users without dj-stripe's model permissions do not see those tables at all (Django's own rule).
+Stripe's tables sit closed under one name (templates/admin/app_list.html); users without
+dj-stripe's model permissions do not see them at all (Django's own rule).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class OperatorAdminSite(admin.AdminSite):
                 )
             if app["app_label"] in LAST_APPS:
                 app["name"] = "Stripe mirror (dj-stripe)"
+                app["collapsed"] = True  # templates/admin/app_list.html: closed until opened
         return apps
 
 

@@ -288,6 +288,8 @@ REAPER_GRACE_SECONDS = env.int("REAPER_GRACE_SECONDS", default=1800)
 CAPACITY_RETRY_SECONDS = env.int("CAPACITY_RETRY_SECONDS", default=900)
 # How often the customer's agent page polls its status while work is active.
 DASHBOARD_POLL_SECONDS = env.int("DASHBOARD_POLL_SECONDS", default=3)
+# The operator console's jobs list and job pages, while jobs are queued or provisioning.
+CONSOLE_POLL_SECONDS = env.int("CONSOLE_POLL_SECONDS", default=5)
 
 # Outside DEBUG (and tests) there is no default: a deployment says which runner it dispatches to.
 PROVISIONING_RUNNER = env.str("PROVISIONING_RUNNER", default="local" if DEBUG or TESTING else "")

@@ -8,6 +8,7 @@ The invariants that must survive concurrent callers are database constraints, no
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -33,6 +34,7 @@ __all__ = [
     "OperatorAlert",
     "ProvisioningJob",
     "Region",
+    "StatusLabel",
     "Step",
     "UsedTokenId",
     "WorkerBeat",
@@ -43,6 +45,37 @@ __all__ = [
 class JobKind(models.TextChoices):
     PROVISION = "provision", "Provision"  # build the agent's VM
     DEPROVISION = "deprovision", "Deprovision"  # delete it (subscription ended, refund, operator)
+
+
+@dataclass(frozen=True)
+class StatusLabel:
+    """A job's state as people and dashboards read it: the stored status read with the job's kind.
+
+    The four stored states stay the state machine's; a deprovision's `running` means its VM is
+    gone, so it reads "Deleted" (never a green "Running"). `key` is the badge's style and the
+    `outcome` label in /metrics; `text` is what a page shows.
+    """
+
+    key: str
+    text: str
+
+
+_DEPROVISION_LABELS = {
+    "queued": StatusLabel("queued", "Deletion queued"),
+    "provisioning": StatusLabel("deleting", "Deleting"),
+    "running": StatusLabel("deleted", "Deleted"),
+    "failed": StatusLabel("failed", "Deletion failed"),
+}
+
+
+def status_label(status: str, kind: str) -> StatusLabel:
+    """The one place a job's (status, kind) becomes words: admin, customer pages and /metrics."""
+    if kind == JobKind.DEPROVISION and status in _DEPROVISION_LABELS:
+        return _DEPROVISION_LABELS[status]
+    try:
+        return StatusLabel(status, JobStatus(status).label)
+    except ValueError:  # not one of the four states: say it as stored
+        return StatusLabel(status, status)
 
 
 class Step(models.TextChoices):
@@ -298,6 +331,11 @@ class ProvisioningJob(models.Model):
     @property
     def short_id(self) -> str:
         return str(self.pk)[:8]
+
+    @property
+    def status_label(self) -> StatusLabel:
+        """This job's state in words for its kind ("Deleted" for a finished deprovision)."""
+        return status_label(self.status, self.kind)
 
     def silent_since(self) -> datetime:
         """What the timeout measures silence from: last heartbeat, else claim, else last update."""

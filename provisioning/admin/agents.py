@@ -29,12 +29,14 @@ from provisioning.admin.common import (
     action_report,
     ago,
     fieldset_fields,
+    local_time,
     report_level,
     run_link,
     skip_reason,
 )
+from provisioning.admin.job_page import event_summary, event_transition
 from provisioning.errors import ProvisioningError
-from provisioning.models import Actor, Agent, JobEvent, JobStatus, ProvisioningJob
+from provisioning.models import Actor, Agent, JobEvent, JobKind, ProvisioningJob, status_label
 
 # Ending is irreversible and deletes VMs: a handful at a time, never "select all 90,000".
 MAX_END_AGENTS = 100
@@ -81,10 +83,12 @@ def _job_link(job_id: Any) -> SafeString:
     return format_html('<a href="{}">{}</a>', url, str(job_id)[:8])
 
 
-def _status_badge(status: str | None) -> SafeString | str:
+def _status_badge(status: str | None, kind: str | None) -> SafeString | str:
+    """A job's state for its kind: a finished deprovision reads "Deleted", not "Running"."""
     if not status:
         return "—"
-    return format_html('<span class="job-badge job-{}">{}</span>', status, JobStatus(status).label)
+    label = status_label(status, kind or JobKind.PROVISION)
+    return format_html('<span class="job-badge job-{}">{}</span>', label.key, label.text)
 
 
 class AgentJobInline(admin.TabularInline[ProvisioningJob, Agent]):
@@ -113,7 +117,7 @@ class AgentJobInline(admin.TabularInline[ProvisioningJob, Agent]):
 
     @admin.display(description="status")
     def status_badge(self, job: ProvisioningJob) -> SafeString | str:
-        return _status_badge(job.status)
+        return _status_badge(job.status, job.kind)
 
     @admin.display(description="retries")
     def retries(self, job: ProvisioningJob) -> str:
@@ -181,7 +185,8 @@ class AgentAdmin(ReadOnlyAdmin):
         latest = ProvisioningJob.objects.filter(agent=OuterRef("pk")).order_by("-created_at")
         rows: QuerySet[Any] = super().get_queryset(request)
         annotated: QuerySet[Any] = rows.annotate(
-            latest_job_status=Subquery(latest.values("status")[:1])
+            latest_job_status=Subquery(latest.values("status")[:1]),
+            latest_job_kind=Subquery(latest.values("kind")[:1]),
         )
         return annotated
 
@@ -247,8 +252,9 @@ class AgentAdmin(ReadOnlyAdmin):
         return TemplateResponse(request, "admin/provisioning/agent/end_confirmation.html", context)
 
     @admin.display(description="customer")
-    def owner_email(self, agent: Agent) -> str:
-        return agent.owner.email or agent.owner.get_username()
+    def owner_email(self, agent: Agent) -> SafeString:
+        who = agent.owner.email or agent.owner.get_username()
+        return format_html('<span class="job-cut" title="{}">{}</span>', who, who)
 
     @admin.display(description="state")
     def state(self, agent: Agent) -> SafeString:
@@ -266,20 +272,24 @@ class AgentAdmin(ReadOnlyAdmin):
 
     @admin.display(description="latest job")
     def latest_job(self, agent: Agent) -> SafeString | str:
-        return _status_badge(getattr(agent, "latest_job_status", None))
+        return _status_badge(
+            getattr(agent, "latest_job_status", None), getattr(agent, "latest_job_kind", None)
+        )
 
     @admin.display(description="age", ordering="created_at")
-    def age(self, agent: Agent) -> str:
-        return ago(agent.created_at)
+    def age(self, agent: Agent) -> SafeString:
+        return format_html(
+            '<span title="{}">{}</span>', local_time(agent.created_at), ago(agent.created_at)
+        )
 
 
 @admin.register(JobEvent)
 class JobEventAdmin(ReadOnlyAdmin):
     paginator = EstimatedCountPaginator
     list_display = [
-        "created_at",
+        "when",
         "job_link",
-        "actor",
+        "who",
         "action",
         "transition",
         "attempt",
@@ -287,7 +297,8 @@ class JobEventAdmin(ReadOnlyAdmin):
         "run",
         "short_reason",
     ]
-    list_display_links = ["created_at"]
+    list_display_links = ["when"]
+    list_select_related = ["job"]  # its kind names the transition ("deleting → deleted")
     # Newest first by the primary key: always indexed, and it follows insertion order.
     ordering = ["-id"]
     sortable_by = ()
@@ -307,18 +318,33 @@ class JobEventAdmin(ReadOnlyAdmin):
         return _job_link(event.job_id)
 
     @admin.display(description="from → to")
-    def transition(self, event: JobEvent) -> str:
-        if not event.from_status and not event.to_status:
+    def transition(self, event: JobEvent) -> SafeString | str:
+        said, stored = event_transition(event, event.job.kind)
+        if not said:
             return "—"
-        return f"{event.from_status or '∅'} → {event.to_status or event.from_status}"
+        return format_html('<span title="stored: {}">{}</span>', stored, said)
 
     @admin.display(description="run")
     def run(self, event: JobEvent) -> SafeString | str:
         return run_link(event.workflow_run_id)
 
+    @admin.display(description="when")
+    def when(self, event: JobEvent) -> SafeString:
+        return format_html(
+            '<span title="{}">{}</span>',
+            local_time(event.created_at),
+            timezone.localtime(event.created_at).strftime("%b %-d, %H:%M:%S"),
+        )
+
+    @admin.display(description="who")
+    def who(self, event: JobEvent) -> SafeString:
+        short = event.actor.split(":", 1)[0] if event.workflow_run_id else event.actor
+        return format_html('<span title="{}">{}</span>', event.actor, short)
+
     @admin.display(description="why")
     def short_reason(self, event: JobEvent) -> str:
-        return event.reason if len(event.reason) <= 100 else event.reason[:99] + "…"
+        """One line: a failure's last line (what went wrong), else the first."""
+        return event_summary(event, limit=100)
 
     @admin.display(description="why")
     def reason_in_full(self, event: JobEvent) -> SafeString | str:

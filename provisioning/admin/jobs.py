@@ -17,12 +17,12 @@ from django.apps import apps
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
 from django.db import DatabaseError
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
-from django.template.loader import render_to_string
+from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import NoReverseMatch, reverse
+from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
@@ -43,8 +43,9 @@ from provisioning.admin.common import (
     run_link,
     skip_reason,
 )
+from provisioning.admin.job_page import job_live
 from provisioning.errors import ProvisioningError
-from provisioning.models import Actor, JobStatus, ProvisioningJob
+from provisioning.models import ACTIVE_STATUSES, Actor, JobStatus, ProvisioningJob
 from provisioning.state import CANCEL, REDISPATCH, RETRY, TIMEOUT, Move
 
 logger = logging.getLogger(__name__)
@@ -156,13 +157,12 @@ ACTIONS = {
 @admin.register(ProvisioningJob)
 class ProvisioningJobAdmin(ReadOnlyAdmin):
     paginator = EstimatedCountPaginator
-    # What is stuck and why first; who it belongs to after.
+    # What is stuck and why first; who it belongs to after. Seven columns fit 1280 px with the
+    # sidebar and the filters open: the heartbeat sits under the status, the attempt under the step.
     list_display = [
         "short_id",
-        "status_badge",
-        "heartbeat",
-        "step_progress",
-        "attempt_retries",
+        "status_cell",
+        "progress_cell",
         "agent_link",
         "customer",
         "age",
@@ -194,37 +194,16 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
             {
                 "fields": [
                     "id",
-                    "status_badge",
                     "kind",
                     "agent_link",
                     "customer",
                     "region",
                     "created_at",
-                    "updated_at",
+                    "run_attempt",
                 ]
             },
         ),
-        (
-            "Progress",
-            {
-                "fields": [
-                    "attempt",
-                    "retries",
-                    "step_progress",
-                    "heartbeat",
-                    "claimed_at",
-                    "last_heartbeat_at",
-                    "dispatched_at",
-                    "next_attempt_at",
-                    "completed_at",
-                    "cleanup_dispatched_at",
-                ]
-            },
-        ),
-        ("Workflow run", {"fields": ["run", "run_attempt"]}),
         ("Payment", {"fields": ["stripe_event"]}),
-        ("Error", {"fields": ["failed_step", "error_in_full"]}),
-        ("Timeline", {"fields": ["timeline"], "classes": ["wide"]}),
     ]
     readonly_fields = fieldset_fields(fieldsets)
 
@@ -257,7 +236,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
     @admin.display(description="job")
     def short_id(self, job: ProvisioningJob) -> SafeString | str:
         if job.is_deprovision:  # the rare kind is tagged; provisions are the default
-            return format_html('{} <span class="job-kind">{}</span>', job.short_id, job.kind)
+            return format_html('{}<br><span class="job-kind">{}</span>', job.short_id, job.kind)
         return job.short_id
 
     @admin.display(description="agent")
@@ -267,18 +246,32 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
         return format_html('<a href="{}">{}</a>{}', url, job.agent.name, ended)
 
     @admin.display(description="customer")
-    def customer(self, job: ProvisioningJob) -> str:
-        return job.user.email or job.user.get_username()
+    def customer(self, job: ProvisioningJob) -> SafeString:
+        who = job.user.email or job.user.get_username()
+        return format_html('<span class="job-cut" title="{}">{}</span>', who, who)
 
     @admin.display(description="status")
     def status_badge(self, job: ProvisioningJob) -> SafeString:
+        label = job.status_label  # a finished deprovision reads "Deleted", not "Running"
+        return format_html('<span class="job-badge job-{}">{}</span>', label.key, label.text)
+
+    @admin.display(description="status")
+    def status_cell(self, job: ProvisioningJob) -> SafeString:
+        if not job.is_provisioning:
+            return self.status_badge(job)
         return format_html(
-            '<span class="job-badge job-{}">{}</span>', job.status, job.get_status_display()
+            '{}<br><span class="job-cell-note">{}</span>',
+            self.status_badge(job),
+            self.heartbeat(job),
         )
 
-    @admin.display(description="retries")
-    def retries(self, job: ProvisioningJob) -> str:
-        return f"{job.retry_count} of {job.max_retries}"
+    @admin.display(description="progress")
+    def progress_cell(self, job: ProvisioningJob) -> SafeString:
+        return format_html(
+            '{}<br><span class="job-cell-note">attempt {}</span>',
+            self.step_progress(job),
+            self.attempt_retries(job),
+        )
 
     @admin.display(description="attempt · retries")
     def attempt_retries(self, job: ProvisioningJob) -> SafeString:
@@ -301,7 +294,7 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
                 job.failed_step or "?",
             )
         if job.is_running:
-            return "done"
+            return "deleted" if job.is_deprovision else "done"
         if job.is_queued:
             if job.failed_step:  # requeued after a failure: say which
                 return format_html(
@@ -369,27 +362,62 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
             dashboard,
         )
 
-    @admin.display(description="error")
-    def error_in_full(self, job: ProvisioningJob) -> SafeString | str:
-        if not job.error:
-            return "—"
-        return format_html('<pre class="job-error">{}</pre>', job.error)
-
-    @admin.display(description="events")
-    def timeline(self, job: ProvisioningJob) -> SafeString:
-        rows = [
-            (event, run_link(event.workflow_run_id) if event.workflow_run_id else "")
-            for event in job.events.order_by("created_at", "id")
-        ]
-        return render_to_string("admin/provisioning/provisioningjob/_timeline.html", {"rows": rows})
-
     # --- views -----------------------------------------------------------------------------
+
+    def get_urls(self) -> list[URLPattern]:
+        # The two poll targets, before the default `<path:object_id>/` patterns.
+        name = f"{self.opts.app_label}_{self.opts.model_name}"
+        view = self.admin_site.admin_view
+        return [
+            path("live/", view(self.list_live_view), name=f"{name}_live_list"),
+            path("<path:object_id>/live/", view(self.job_live_view), name=f"{name}_live"),
+            *super().get_urls(),
+        ]
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        extra_context = {**(extra_context or {}), "overview": job_overview(now=timezone.now())}
+        live_url = reverse(
+            "admin:provisioning_provisioningjob_live_list", current_app=self.admin_site.name
+        )
+        query = request.GET.urlencode()
+        extra_context = {
+            **(extra_context or {}),
+            "overview": job_overview(now=timezone.now()),
+            "live_url": f"{live_url}?{query}" if query else live_url,
+            "poll_seconds": settings.CONSOLE_POLL_SECONDS,
+            # "oldest queued" sorts by age, ascending: the column's index (after the checkbox).
+            "age_column": self.list_display.index("age") + (1 if self.get_actions(request) else 0),
+        }
         return super().changelist_view(request, extra_context=extra_context)
+
+    def list_live_view(self, request: HttpRequest) -> HttpResponse:
+        """The jobs list's poll answer: the overview and the rows for the page's filters, rendered
+        by the changelist itself (same permissions, filters, search and page)."""
+        response = self.changelist_view(request)
+        if isinstance(response, TemplateResponse):
+            response.template_name = "admin/provisioning/provisioningjob/_live_list.html"
+        return response
+
+    def job_live_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """A job page's poll answer: its live part alone."""
+        job = self.get_object(request, object_id)
+        if job is None:
+            raise Http404("No such job.")
+        if not self.has_view_permission(request, job):
+            raise PermissionDenied
+        context = {**job_live(job), **self._live_urls(job), "polled": True}
+        return TemplateResponse(request, "admin/provisioning/provisioningjob/_live.html", context)
+
+    def _live_urls(self, job: ProvisioningJob) -> dict[str, Any]:
+        return {
+            "live_url": reverse(
+                "admin:provisioning_provisioningjob_live",
+                args=[job.pk],
+                current_app=self.admin_site.name,
+            ),
+            "poll_seconds": settings.CONSOLE_POLL_SECONDS,
+        }
 
     def change_view(
         self,
@@ -400,11 +428,13 @@ class ProvisioningJobAdmin(ReadOnlyAdmin):
     ) -> HttpResponse:
         job = self.get_object(request, object_id)
         offered = []
+        live: dict[str, Any] = {}
         if job is not None:
             for action in ACTIONS.values():
                 if action.applies(job) and self._has(request, action.permission):
                     offered.append(action)
-        extra_context = {**(extra_context or {}), "job_actions": offered}
+            live = {"live": job_live(job), **self._live_urls(job)}
+        extra_context = {**(extra_context or {}), "job_actions": offered, **live}
         return super().change_view(request, object_id, form_url, extra_context=extra_context)
 
     # --- actions ---------------------------------------------------------------------------
@@ -550,7 +580,9 @@ def job_overview(*, now: datetime) -> dict[str, Any]:
         .values_list("created_at", flat=True)
         .first()
     )
+    active = sum(counts[status][0] for status in ACTIVE_STATUSES)
     return {
+        "is_active": active > 0,  # work in flight: the list refreshes itself
         "statuses": [
             StatusCount(
                 status=status.value,

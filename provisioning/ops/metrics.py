@@ -20,7 +20,14 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from provisioning import selectors
-from provisioning.models import ACTIVE_STATUSES, JobKind, JobStatus, ProvisioningJob, WorkerBeat
+from provisioning.models import (
+    ACTIVE_STATUSES,
+    JobKind,
+    JobStatus,
+    ProvisioningJob,
+    WorkerBeat,
+    status_label,
+)
 
 # Provisioning takes minutes; buckets from 30 s to 2 h (seconds).
 DURATION_BUCKETS = (30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200)
@@ -160,20 +167,22 @@ class JobCollector(Collector):
             completed_at__gte=since,
             status__in=[JobStatus.RUNNING, JobStatus.FAILED],
         )
-        by_outcome = {
-            (outcome, kind): n
-            for outcome, kind, n in finished.values_list("status", "kind")
+        by_status = {
+            (status, kind): n
+            for status, kind, n in finished.values_list("status", "kind")
             .annotate(n=Count("pk"))
             .values_list("status", "kind", "n")
         }
         outcomes = GaugeMetricFamily(
             "provisioning_jobs_finished_24h",
-            "Jobs that ended in the last 24 hours, by outcome (running = succeeded) and kind.",
+            "Jobs that ended in the last 24 hours, by outcome and kind: running (a provision "
+            "built its agent), deleted (a deprovision deleted its VM) or failed.",
             labels=["outcome", "kind"],
         )
-        for outcome in (JobStatus.RUNNING, JobStatus.FAILED):
+        for status in (JobStatus.RUNNING, JobStatus.FAILED):
             for kind in JobKind.values:
-                outcomes.add_metric([outcome, kind], by_outcome.get((outcome, kind), 0))
+                outcome = status_label(status, kind).key  # a deprovision's `running` is "deleted"
+                outcomes.add_metric([outcome, kind], by_status.get((status, kind), 0))
         yield outcomes
 
         # claimed_at -> completed_at of the attempt that succeeded, bucketed in SQL.

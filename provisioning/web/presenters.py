@@ -58,6 +58,7 @@ class AgentStatus:
     http_port: int | None = None  # the port a running agent serves HTTP on
     health_url: str = ""  # where a running agent answers `{"status": "ok"}`
     ended_at: datetime | None = None
+    server_state: str = ""  # an ended agent's deprovision in words: "Deleting", "Deleted", ...
     follow_up: str = ""  # what happens next, for a failed agent
     can_reprovision: bool = False
     steps: list[StepRow] = field(default_factory=list)
@@ -167,6 +168,7 @@ def agent_status(agent: Agent, job: ProvisioningJob | None) -> AgentStatus:
             headline="Ended",
             sentence=f"This agent has ended: {reason}." if reason else "This agent has ended.",
             ended_at=agent.ended_at,
+            server_state=job.status_label.text if job is not None and job.is_deprovision else "",
             is_ended=True,
         )
     if job is None:

@@ -3,6 +3,7 @@ recorded with the operator's name, stale jobs stand out, and the jobs list stays
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -18,7 +19,7 @@ from provisioning.admin.common import EstimatedCountPaginator
 from provisioning.admin.jobs import ProvisioningJobAdmin
 from provisioning.models import Actor, JobEvent, JobKind, JobStatus, ProvisioningJob, Step
 from tests.factories import AgentFactory, JobFactory, UserFactory
-from tests.provisioning.helpers import claimed, dispatch, enqueue
+from tests.provisioning.helpers import claimed, dispatch, enqueue, requeue_now
 
 pytestmark = pytest.mark.django_db
 
@@ -123,7 +124,7 @@ def test_jobs_list_renders_the_overview_and_every_column(admin_client, backend):
         "region__exact=eu-central",
         "failed_step__exact=configure",
         "created_at__gte=2000-01-01+00:00:00%2B00:00",
-        "status__exact=queued&o=9",
+        "status__exact=queued&o=6",
     ],
 )
 def test_every_filter_renders(admin_client, query):
@@ -189,8 +190,9 @@ def test_job_page_shows_the_error_in_full_the_timeline_and_links(admin_client, b
 
     html = response.content.decode()
     assert response.status_code == 200
-    assert '<pre class="job-error">boom' in html
+    assert '<pre class="job-error job-output-tail">boom' in html  # attempt 1's panel
     assert "x" * 3000 in html
+    assert html.count("x" * 3000) == 1  # in the panel only, not pasted into the timeline too
     assert 'id="job-timeline"' in html
     for action in ["Enqueued", "Dispatched", "Claimed", "Failed"]:
         assert action in html
@@ -644,3 +646,171 @@ def test_the_admin_home_lists_the_console_first_and_stripe_last(admin_client):
     jobs, agents = page.index("Provisioning jobs"), page.index(">Agents<")
     assert jobs < agents
     assert "Stripe mirror (dj-stripe)" in page
+
+
+# --- outcome labels: a finished deprovision reads "Deleted" ----------------------------------
+
+
+def finished_deprovision(backend) -> ProvisioningJob:
+    """An agent that was built, then ended; its deprovision deleted the VM (all through services)."""
+    built, run = claimed(backend)
+    services.job_complete(job_id=built.pk, run=run, server_id="4711", ipv4="203.0.113.7")
+    ending = services.agent_end(agent_id=built.agent_id, actor="stripe", reason="refunded")
+    run = dispatch(ending, backend)
+    services.job_claim(job_id=ending.pk, attempt=ending.attempt, run=run)
+    return services.job_complete(job_id=ending.pk, run=run, server_id="", ipv4="")
+
+
+def test_a_finished_deprovision_reads_deleted_in_every_list_and_on_its_page(admin_client, backend):
+    ending = finished_deprovision(backend)
+    assert ending.status == JobStatus.RUNNING  # the stored state is unchanged
+
+    jobs = admin_client.get(JOBS).content.decode()
+    row = jobs[jobs.index(ending.short_id) :].split("</tr>")[0]
+    page = admin_client.get(
+        reverse("admin:provisioning_provisioningjob_change", args=[ending.pk])
+    ).content.decode()
+    agents = admin_client.get(reverse("admin:provisioning_agent_changelist")).content.decode()
+    events = admin_client.get(
+        reverse("admin:provisioning_jobevent_changelist"), {"q": ending.short_id}
+    ).content.decode()
+
+    assert '<span class="job-badge job-deleted">Deleted</span>' in row
+    assert "job-running" not in row
+    assert '<span class="job-badge job-deleted">Deleted</span>' in page
+    assert 'title="stored: provisioning → running">deleting → deleted' in page
+    agent_row = agents[agents.index(ending.agent.name) :].split("</tr>")[0]
+    assert '<span class="job-badge job-deleted">Deleted</span>' in agent_row  # latest job
+    assert "deleting → deleted" in events
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "key", "text"),
+    [
+        (JobStatus.RUNNING, JobKind.PROVISION, "running", "Running"),
+        (JobStatus.RUNNING, JobKind.DEPROVISION, "deleted", "Deleted"),
+        (JobStatus.PROVISIONING, JobKind.DEPROVISION, "deleting", "Deleting"),
+        (JobStatus.QUEUED, JobKind.DEPROVISION, "queued", "Deletion queued"),
+        (JobStatus.FAILED, JobKind.DEPROVISION, "failed", "Deletion failed"),
+        (JobStatus.FAILED, JobKind.PROVISION, "failed", "Failed"),
+    ],
+)
+def test_status_labels_read_the_state_with_the_kind(status, kind, key, text):
+    label = JobFactory.build(status=status, kind=kind).status_label
+
+    assert (label.key, label.text) == (key, text)
+
+
+# --- the job page: one panel per attempt, a one-line timeline ---------------------------------
+
+
+def report(attempt: int, lines: int = 45) -> str:
+    body = [f"ok: [203.0.113.7] => (item=package-{n:02d}) attempt {attempt}" for n in range(lines)]
+    return "\n".join([*body, f"ansible-playbook exited 2 (attempt {attempt})"])
+
+
+def test_a_job_page_has_one_panel_per_attempt_with_the_reports_tail(admin_client, backend):
+    job, run = claimed(backend, max_retries=1)
+    services.job_fail(job_id=job.pk, run=run, error=report(1), failed_step=Step.CONFIGURE)
+    requeue_now(job)
+    run = dispatch(job, backend)
+    services.job_claim(job_id=job.pk, attempt=2, run=run)
+    services.job_fail(job_id=job.pk, run=run, error=report(2, lines=5), failed_step=Step.CONFIGURE)
+
+    response = admin_client.get(reverse("admin:provisioning_provisioningjob_change", args=[job.pk]))
+
+    html = response.content.decode()
+    panels = response.context["live"]["attempts"]
+    assert [(p.number, p.outcome) for p in panels] == [(2, "Failed"), (1, "Failed, retried")]
+    assert panels[1].headline.startswith("ansible-playbook exited 2 (attempt 1)")
+    assert (
+        panels[1].output.tail.splitlines()[0] == "ok: [203.0.113.7] => (item=package-26) attempt 1"
+    )
+    assert panels[1].output.hidden_lines == 26
+    assert html.count('<details class="job-output-all">') == 1  # the short report shows whole
+    assert "Show all 46 lines" in html
+    assert html.count("(item=package-00) attempt 1") == 1  # once, behind "show all"
+    timeline = html[html.index('id="job-timeline"') :]
+    assert "(item=package-" not in timeline  # the reports stay out of the timeline
+    assert 'href="#attempt-1" class="job-more"' in timeline
+
+
+# --- live refresh: partial views behind the admin's permissions -------------------------------
+
+
+def test_a_job_pages_live_part_polls_while_the_job_is_active(admin_client, backend, settings):
+    settings.CONSOLE_POLL_SECONDS = 7
+    job, run = claimed(backend, max_retries=0)
+    live_url = reverse("admin:provisioning_provisioningjob_live", args=[job.pk])
+
+    page = admin_client.get(reverse("admin:provisioning_provisioningjob_change", args=[job.pk]))
+    active = admin_client.get(live_url, HTTP_HX_REQUEST="true")
+    services.job_fail(job_id=job.pk, run=run, error="boom", failed_step=Step.CONFIGURE)
+    final = admin_client.get(live_url, HTTP_HX_REQUEST="true")
+
+    assert f'hx-get="{live_url}" hx-trigger="every 7s"' in page.content.decode()
+    assert active.status_code == 200
+    assert "<html" not in active.content.decode()
+    assert 'hx-trigger="every 7s"' in active.content.decode()
+    assert final.status_code == 200
+    assert "hx-trigger" not in final.content.decode()  # final: polling stops here
+    assert "finished while the page was open" in final.content.decode()
+
+
+def test_the_jobs_lists_live_part_keeps_the_filters_and_stops_when_idle(admin_client, settings):
+    settings.CONSOLE_POLL_SECONDS = 7
+    failed = failed_job()
+    queued = JobFactory(status=JobStatus.QUEUED)
+    live = reverse("admin:provisioning_provisioningjob_live_list")
+
+    page = admin_client.get(JOBS, {"status__exact": "failed"}).content.decode()
+    answer = admin_client.get(live, {"status__exact": "failed"}).content.decode()
+    ProvisioningJob.objects.filter(pk=queued.pk).update(status=JobStatus.RUNNING)
+    idle = admin_client.get(live, {"status__exact": "failed"}).content.decode()
+
+    assert f'hx-get="{live}?status__exact=failed"' in page
+    assert 'id="job-rows"' in page and 'id="job-overview"' in page
+    assert "<html" not in answer
+    assert 'id="job-rows"' in answer and 'id="job-overview"' in answer
+    assert failed.short_id in answer and queued.short_id not in answer  # same filter
+    assert 'hx-trigger="every 7s"' in answer
+    assert "hx-trigger" not in idle  # nothing queued or provisioning: polling stops
+
+
+@pytest.mark.parametrize("live", ["list", "job"])
+def test_the_live_parts_need_the_admins_login_and_view_permission(client, live):
+    job = JobFactory()
+    url = (
+        reverse("admin:provisioning_provisioningjob_live_list")
+        if live == "list"
+        else reverse("admin:provisioning_provisioningjob_live", args=[job.pk])
+    )
+
+    anonymous = client.get(url)
+    client.force_login(staff("nobody"))  # staff, but no permission on jobs
+    forbidden = client.get(url)
+
+    assert anonymous.status_code == 302
+    assert anonymous["Location"].startswith(reverse("admin:login"))
+    assert forbidden.status_code == 403
+
+
+def test_a_job_pages_live_part_for_a_missing_job_is_404(admin_client):
+    missing = reverse("admin:provisioning_provisioningjob_live", args=[uuid.uuid4()])
+
+    assert admin_client.get(missing).status_code == 404
+
+
+# --- admin home: Stripe's tables closed, hidden without their permissions ---------------------
+
+
+def test_stripes_tables_sit_closed_at_the_end_and_only_for_those_allowed(client, admin_client):
+    home = admin_client.get("/admin/").content.decode()
+    client.force_login(staff("pat", *VIEW_PERMS))
+    operator_home = client.get("/admin/").content.decode()
+
+    stripe = home[home.index('class="app-djstripe module') :]
+    assert stripe.index('<details class="app-collapsed">') < stripe.index("<table>")
+    assert "Provisioning jobs" in operator_home
+    assert "app-djstripe" not in operator_home
+    assert "Stripe mirror" not in operator_home

@@ -12,9 +12,9 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from provisioning import services
-from provisioning.models import JobKind, ProvisioningJob, Step, WorkerBeat
+from provisioning.models import JobKind, JobStatus, ProvisioningJob, Step, WorkerBeat
 from provisioning.worker import Worker
-from tests.factories import AgentFactory, UserFactory
+from tests.factories import AgentFactory, JobFactory, UserFactory
 from tests.provisioning.helpers import claimed, enqueue
 
 pytestmark = pytest.mark.django_db
@@ -112,13 +112,17 @@ def test_metrics_report_outcomes_and_the_provisioning_duration(client, backend):
     )
     bad, bad_run = claimed(backend, AgentFactory(owner=user), max_retries=0)
     services.job_fail(job_id=bad.pk, run=bad_run, error="boom", failed_step=Step.CONFIGURE)
+    # A deprovision that deleted its VM: stored as `running`, counted as "deleted".
+    JobFactory(kind=JobKind.DEPROVISION, status=JobStatus.RUNNING, completed_at=timezone.now())
 
     m = samples(client)
 
     finished = "provisioning_jobs_finished_24h"
     assert m[(finished, (("kind", "provision"), ("outcome", "running")))] == 1
     assert m[(finished, (("kind", "provision"), ("outcome", "failed")))] == 1
-    assert m[(finished, (("kind", "deprovision"), ("outcome", "running")))] == 0
+    assert m[(finished, (("kind", "deprovision"), ("outcome", "deleted")))] == 1
+    assert m[(finished, (("kind", "deprovision"), ("outcome", "failed")))] == 0
+    assert (finished, (("kind", "deprovision"), ("outcome", "running"))) not in m
     assert m[("provisioning_failed_jobs", ())] == 1
     assert ("provisioning_jobs", (("kind", "provision"), ("status", "running"))) not in m
     assert m[("provisioning_job_duration_seconds_count", ())] == 1

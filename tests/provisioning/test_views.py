@@ -351,6 +351,19 @@ def test_an_ended_agent_says_it_ended_and_why(customer_client, agent, backend):
     assert 'class="steps"' not in page  # its build steps no longer read as "done"
 
 
+def test_an_ended_agent_says_its_server_was_deleted(customer_client, agent, backend):
+    """Its deprovision finished: stored as `running`, read as "Deleted" (models.status_label)."""
+    ending = services.agent_end(agent_id=agent.pk, actor="stripe", reason="subscription cancelled")
+    run = dispatch(ending, backend)
+    services.job_claim(job_id=ending.pk, attempt=ending.attempt, run=run)
+    services.job_complete(job_id=ending.pk, run=run, server_id="", ipv4="")
+
+    page = html(customer_client.get(detail_url(agent)))
+
+    assert 'Server: <span class="server-state">Deleted</span>' in page
+    assert "Running" not in page
+
+
 # --- the htmx partial ------------------------------------------------------------------------
 
 
