@@ -15,7 +15,7 @@ from django.contrib.admin.apps import AdminConfig
 from django.http import HttpRequest
 
 # Apps in this order; anything not named keeps its alphabetical place after them.
-APP_ORDER = ["provisioning", "billing", "auth", "axes"]
+APP_ORDER = ["provisioning", "billing", "auth", "account", "axes"]
 LAST_APPS = ["djstripe"]
 MODEL_ORDER = {
     "provisioning": ["ProvisioningJob", "Agent", "JobEvent", "OperatorAlert"],

@@ -71,8 +71,12 @@ def test_happy_path_ends_running_with_one_vm(pipeline):
     assert agent.ipv4 == vm["public_net"]["ipv4"]["ip"]
     assert (job.attempt, job.retry_count, job.progress, job.step) == (1, 0, 100, Step.COMPLETE)
     # Each step's start is on the timeline, in order. (dict.fromkeys: two heartbeats announcing
-    # the same new step at once can both record it; a known cosmetic race in job_heartbeat.)
+    # the same new step at once can both record it; a known cosmetic race in job_heartbeat.) The
+    # runner enters its last step, "complete", before it sends `complete`: a heartbeat that lands
+    # in between records that step too, so it may or may not close the list.
     steps = list(dict.fromkeys(e.step for e in actions(pipeline, job, JobEvent.Action.STEP)))
+    if steps[-1:] == [Step.COMPLETE]:
+        steps.pop()
     assert steps == ["create-server", "wait-ssh", "configure", "health-check"], pipeline.dump(job)
     assert len(actions(pipeline, job, JobEvent.Action.DISPATCH)) == 1
     assert len(actions(pipeline, job, JobEvent.Action.CLAIM)) == 1
