@@ -134,6 +134,8 @@ def setup(rows: int, fresh: bool) -> None:
     if present == rows:
         call_command("migrate", "auth", verbosity=0)
         call_command("migrate", "sessions", verbosity=0)
+        call_command("migrate", "axes", verbosity=0)  # the admin login records its attempts
+        call_command("migrate", "account", verbosity=0)
         call_command("migrate", "provisioning", verbosity=0)
         print(f"reusing {DBNAME}: {rows:,} jobs already loaded", flush=True)
         return
@@ -141,6 +143,8 @@ def setup(rows: int, fresh: bool) -> None:
     # The schema without the console's search indexes; they are built on the full tables below.
     call_command("migrate", "auth", verbosity=0)
     call_command("migrate", "sessions", verbosity=0)
+    call_command("migrate", "axes", verbosity=0)  # the admin login records its attempts
+    call_command("migrate", "account", verbosity=0)
     call_command("migrate", "provisioning", "0003", verbosity=0)
     from django.db import connection
 
