@@ -189,6 +189,9 @@ class ProvisioningJob(models.Model):
     cleanup_run_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 (null: none sent)
     # When the worker last asked the runner backend about this job's run (reconciliation).
     reconciled_at = models.DateTimeField(null=True, blank=True)
+    # Hetzner API calls the run reported making (complete/fail body): what limits.py bounds the
+    # builds in flight with. Null: not reported.
+    hetzner_calls = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -226,6 +229,20 @@ class ProvisioningJob(models.Model):
             # Dispatch (selectors.job_list_due): queued rows in FIFO order.
             models.Index(
                 fields=["created_at"], condition=Q(status=JobStatus.QUEUED), name="job_queued_fifo"
+            ),
+            # Dispatch (selectors.job_list_due, job_list_waiting): jobs waiting for capacity in
+            # dispatch order, deprovisions first. Dispatched rows (runs in flight or waiting in
+            # GitHub's queue) are left out, so the due query does not walk them.
+            models.Index(
+                fields=["kind", "created_at"],
+                condition=Q(status=JobStatus.QUEUED, dispatched_at__isnull=True),
+                name="job_waiting_by_kind",
+            ),
+            # Re-sends: dispatched runs nobody claimed, oldest dispatch first.
+            models.Index(
+                fields=["dispatched_at"],
+                condition=Q(status=JobStatus.QUEUED, dispatched_at__isnull=False),
+                name="job_dispatched_unclaimed",
             ),
             # "Is there an older queued job of this user?" inside the due query.
             models.Index(

@@ -9,6 +9,7 @@ from uuid import UUID
 from django.conf import settings
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
 
 from provisioning.models import (
     Actor,
@@ -85,7 +86,7 @@ def job_list_due(*, now: datetime, builds_held: bool = False) -> QuerySet[Provis
         queued.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
         .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lte=claim_window))
         .filter(~Exists(in_flight), ~Exists(older_queued))
-        .order_by("created_at")
+        .order_by(*DISPATCH_ORDER)
     )
 
 
@@ -108,16 +109,44 @@ def job_list_cleanup_due() -> QuerySet[ProvisioningJob]:
     ).order_by("completed_at")
 
 
-def job_queue_position(*, job: ProvisioningJob) -> int | None:
-    """1 for the next job to go; None unless queued. Counts older queued jobs."""
-    if not job.is_queued:
+# Dispatch order: deprovisions first (they stop billing for a VM), then oldest paid first. The
+# kind sorts deprovisions first as text ("deprovision" < "provision"), so the partial index
+# job_waiting_by_kind (kind, created_at) serves the order itself: no sort over the waiting rows.
+DISPATCH_ORDER = ("kind", "created_at", "id")
+
+
+def _waiting(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Queued, never dispatched in this attempt, out of retry backoff (index job_waiting_by_kind)."""
+    return ProvisioningJob.objects.filter(
+        status=JobStatus.QUEUED, dispatched_at__isnull=True
+    ).filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+
+
+def job_list_waiting(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Queued jobs waiting for capacity, in the order dispatch takes them: deprovisions first, then
+    oldest paid (created_at) first; a customer's orders stay in the order they paid.
+
+    Left out: jobs already dispatched (their run is in flight, or waits in GitHub's queue) and
+    jobs in a retry's backoff (they rejoin at their place, by payment time, once it ends).
+    A customer's later order is listed at its place although it goes only after their earlier
+    one finished (per-customer FIFO), so a position is a lower bound for such an order.
+    """
+    return _waiting(now=now).order_by(*DISPATCH_ORDER)
+
+
+def job_queue_position(*, job: ProvisioningJob, now: datetime | None = None) -> int | None:
+    """1-based place among job_list_waiting; None when not queued, in backoff or dispatched."""
+    now = now or timezone.now()
+    if not job.is_queued or job.dispatched_at is not None:
         return None
-    return (
-        ProvisioningJob.objects.filter(
-            status=JobStatus.QUEUED, created_at__lt=job.created_at
-        ).count()
-        + 1
+    if job.next_attempt_at is not None and job.next_attempt_at > now:
+        return None
+    ahead = _waiting(now=now).filter(
+        Q(kind__lt=job.kind)
+        | Q(kind=job.kind, created_at__lt=job.created_at)
+        | Q(kind=job.kind, created_at=job.created_at, id__lt=job.pk)
     )
+    return ahead.count() + 1
 
 
 def job_count_customer_retries(*, agent_id: UUID | str, since: datetime) -> int:
