@@ -234,7 +234,7 @@ class ProvisioningJob(models.Model):
             # dispatch order, deprovisions first. Dispatched rows (runs in flight or waiting in
             # GitHub's queue) are left out, so the due query does not walk them.
             models.Index(
-                fields=["kind", "created_at"],
+                fields=["kind", "created_at", "id"],
                 condition=Q(status=JobStatus.QUEUED, dispatched_at__isnull=True),
                 name="job_waiting_by_kind",
             ),
@@ -255,6 +255,12 @@ class ProvisioningJob(models.Model):
             # Admin: newest first, filtered by status.
             models.Index(fields=["status", "-created_at"], name="job_status_newest"),
             models.Index(fields=["-created_at"], name="job_newest"),
+            # Cleanup runs sent recently (they count as in flight for a while).
+            models.Index(
+                fields=["cleanup_dispatched_at"],
+                condition=Q(status=JobStatus.FAILED, cleanup_dispatched_at__isnull=False),
+                name="job_cleanup_sent",
+            ),
             # Failed provisions still owing their cleanup run.
             models.Index(
                 fields=["completed_at"],
