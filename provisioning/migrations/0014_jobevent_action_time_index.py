@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('provisioning', '0012_job_hetzner_calls_and_waiting_index'),
+        ('provisioning', '0013_job_in_flight_indexes'),
     ]
 
     operations = [
