@@ -34,6 +34,7 @@ from django.db.models import (
     Subquery,
     Sum,
 )
+from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import TruncHour
 
 from provisioning.models import JobEvent, JobKind, Step
@@ -93,7 +94,7 @@ def _histogram(row: dict[str, Any], buckets: tuple[int, ...]) -> Histogram:
     )
 
 
-def _duration(start: str, end: str) -> ExpressionWrapper:
+def _duration(start: str, end: str) -> ExpressionWrapper[CombinedExpression]:
     return ExpressionWrapper(F(end) - F(start), output_field=DurationField())
 
 
@@ -182,7 +183,8 @@ def time_to_running_percentile(*, now: datetime, fraction: float, count: int) ->
     if count <= 0:
         return None
     rank = max(math.ceil(fraction * count), 1)
-    value = _to_running(now).order_by("duration", "id").values_list("duration", flat=True)[rank - 1]
+    duration = F("duration")
+    value = _to_running(now).order_by(duration, "id").values_list(duration, flat=True)[rank - 1]
     return _seconds(value)
 
 
