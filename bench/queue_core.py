@@ -35,8 +35,8 @@ import psycopg
 from bench import common
 from bench.common import Row
 
-DB = "bench_core"
-PROCRASTINATE_DB = "bench_procrastinate"
+DB = common.DB_PREFIX + "bench_core"
+PROCRASTINATE_DB = common.DB_PREFIX + "bench_procrastinate"
 USERS = 20_000
 F_LO, F_N = 2_000_001, 2_000
 S_LO, S_N = 3_000_001, 10_000

@@ -118,7 +118,10 @@ def main() -> None:
     parser.add_argument(
         "--database-url",
         default=os.environ.get(
-            "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/billing_bench"
+            "BENCH_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/"
+            + os.environ.get("BENCH_DB_PREFIX", "")
+            + "billing_bench",
         ),
     )
     args = parser.parse_args()
