@@ -5,6 +5,7 @@ path (a run's report, a timeout, reconciliation) that requeues or fails a provis
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Field, Q
 from django.utils import timezone
 
 from provisioning import backends, selectors
@@ -27,7 +28,7 @@ from provisioning.errors import (
 )
 from provisioning.models import JobEvent, ProvisioningJob, UsedTokenId
 from provisioning.services.alerts import alert_record
-from provisioning.state import Move, fail_move
+from provisioning.state import HEARTBEAT, Move, fail_move
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,56 @@ def fenced(job_id: UUID | str, run: RunRef, move: Move) -> Q:
         workflow_run_id=run.run_id,
         run_attempt=run.run_attempt,
     )
+
+
+@functools.cache
+def _fenced_touch_sql(vendor: str, *, same_step: bool) -> str:
+    """The heartbeat's fast-path UPDATE, written once per process (the ORM would build and
+    compile the same statement on every heartbeat, ~0.3 ms of CPU). The WHERE clause is the
+    HEARTBEAT `fenced()` Q above, column for column; step too when `same_step`."""
+    meta, quote = ProvisioningJob._meta, connection.ops.quote_name
+
+    def col(name: str) -> str:
+        field = meta.get_field(name)
+        if not isinstance(field, Field):  # pragma: no cover (the names above are columns)
+            raise TypeError(name)
+        return quote(field.column)
+
+    sources = ", ".join(["%s"] * len(HEARTBEAT.sources))
+    where = (
+        f"{col('id')} = %s AND {col('status')} IN ({sources}) AND {col('workflow_run_id')} = %s "
+        f"AND {col('run_attempt')} = %s" + (f" AND {col('step')} = %s" if same_step else "")
+    )
+    sets = (
+        f"{col('last_heartbeat_at')} = %s, {col('updated_at')} = %s, "
+        f"{col('progress')} = COALESCE(%s, {col('progress')})"
+    )
+    # Names from the model; every value is a parameter.
+    return f"UPDATE {quote(meta.db_table)} SET {sets} WHERE {where}"  # noqa: S608
+
+
+def fenced_touch(
+    job_id: UUID | str, run: RunRef, *, now: datetime, progress: int | None, step: str | None
+) -> bool:
+    """HEARTBEAT's common case as one autocommit statement: refresh the heartbeat (and progress)
+    of the job this run owns, if it is still at `step` (any step when None). False if no row
+    matched: the caller takes the slow path or finds the refusal."""
+    meta = ProvisioningJob._meta
+    when = meta.get_field("updated_at").get_db_prep_value(now, connection)
+    params: list[Any] = [
+        when,
+        when,
+        progress,
+        meta.pk.get_db_prep_value(job_id, connection) if meta.pk else job_id,
+        *sorted(HEARTBEAT.sources),
+        run.run_id,
+        run.run_attempt,
+    ]
+    if step is not None:
+        params.append(step)
+    with connection.cursor() as cursor:
+        cursor.execute(_fenced_touch_sql(connection.vendor, same_step=step is not None), params)
+        return bool(cursor.rowcount)
 
 
 def job_or_run_refusal(job_id: UUID | str, run: RunRef) -> ProvisioningJob | Exception:
