@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 from bench import common  # noqa: E402
 
-DBNAME = "bench_admin"
+DBNAME = common.DB_PREFIX + "bench_admin"
 BUDGET_MS = 300.0
 USERS = 200_000
 

@@ -2,7 +2,8 @@
 table.
 
 Every database here is the benchmark's own (dropped and recreated each run) on the PostgreSQL at
-PGHOST:PGPORT (127.0.0.1:5432, user postgres, trust auth by default).
+PGHOST:PGPORT (127.0.0.1:5432, user postgres, trust auth by default); BENCH_DB_PREFIX, if set,
+is put before each database's name.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PGHOST = os.environ.get("PGHOST", "127.0.0.1")
 PGPORT = int(os.environ.get("PGPORT", "5432"))
 PGUSER = os.environ.get("PGUSER", "postgres")
+# Prepended to every database the benchmarks make, so runs side by side keep apart.
+DB_PREFIX = os.environ.get("BENCH_DB_PREFIX", "")
 
 
 def dsn(dbname: str, *, port: int | None = None) -> str:

@@ -119,7 +119,10 @@ def main() -> None:
     parser.add_argument(
         "--database-url",
         default=os.environ.get(
-            "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/heartbeat_bench"
+            "BENCH_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/"
+            + os.environ.get("BENCH_DB_PREFIX", "")
+            + "heartbeat_bench",
         ),
     )
     args = parser.parse_args()

@@ -35,8 +35,8 @@ import psycopg
 from bench import common
 from bench.common import Row
 
-DB = "bench_core"
-PROCRASTINATE_DB = "bench_procrastinate"
+DB = common.DB_PREFIX + "bench_core"
+PROCRASTINATE_DB = common.DB_PREFIX + "bench_procrastinate"
 USERS = 20_000
 F_LO, F_N = 2_000_001, 2_000
 S_LO, S_N = 3_000_001, 10_000
@@ -491,7 +491,7 @@ def stale_plan() -> str:
     from provisioning import selectors
 
     qs = selectors.job_list_stale(now=timezone.now()).values_list("pk", flat=True)[:1000]
-    return qs.explain()
+    return qs.explain(analyze=True, buffers=True)
 
 
 def timeout_raw(conn: psycopg.Connection) -> tuple[float, int]:
@@ -778,7 +778,7 @@ def run(
         )
     )
     plan = stale_plan()
-    notes.append("stale find plan: " + " / ".join(ln.strip() for ln in plan.splitlines()[:3]))
+    notes.append("stale find plan (EXPLAIN ANALYZE, BUFFERS):\n```\n" + plan + "\n```")
     raw_s, raw_n = timeout_raw(conn)
     reset_stale(conn)
     svc_s, svc_n = timeout_service()

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run.py [--quick] [--no-write] [--no-profile]
 
-In-process rows come from bench/queue_core.py (databases bench_core and bench_procrastinate on
+First the database's own floor: pgbench single-row INSERT and UPDATE (one client) on the same
+PostgreSQL. In-process rows come from bench/queue_core.py (databases bench_core and bench_procrastinate on
 PGHOST:PGPORT, dropped and recreated). The HTTP rows (heartbeat endpoint vs a bare view, webhook
 vs a bare view) come from the other benchmarks beside this file when they exist
 (bench/heartbeat_throughput.py, bench/webhook_throughput.py), run as subprocesses; until then
@@ -16,8 +17,10 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +62,72 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "kernel": platform.release(),
     }
+
+
+def _pgbench_binary() -> str | None:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True)
+    return str(candidates[0]) if candidates else None
+
+
+PGBENCH_SCRIPTS = {
+    "INSERT": "INSERT INTO floor_row (v, t) VALUES (1, now());\n",
+    "UPDATE": "\\set id random(1, 10000)\nUPDATE floor_row SET v = v + 1, t = now() WHERE id = :id;\n",
+}
+
+
+def pgbench_floor(seconds: int) -> tuple[list[Row], list[str]]:
+    """The database's own floor: pgbench, one client, single-row INSERT and UPDATE (each its own
+    autocommit transaction, prepared), on the PostgreSQL under test, before anything else runs."""
+    binary = _pgbench_binary()
+    if binary is None:
+        return [], ["pgbench floor: pgbench not found (postgresql client packages)"]
+    dbname = common.DB_PREFIX + "bench_pgbench"
+    common.recreate_db(dbname)
+    import psycopg
+
+    with psycopg.connect(common.dsn(dbname), autocommit=True) as conn:
+        conn.execute("CREATE TABLE floor_row (id bigserial PRIMARY KEY, v int, t timestamptz)")
+        conn.execute("INSERT INTO floor_row (v, t) SELECT 0, now() FROM generate_series(1, 10000)")
+        conn.execute("VACUUM ANALYZE floor_row")
+    rows: list[Row] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for what, script in PGBENCH_SCRIPTS.items():
+            path = Path(tmp) / f"{what.lower()}.sql"
+            path.write_text(script)
+            cmd = [
+                binary, "-n", "-c", "1", "-j", "1", "-M", "prepared", "-T", str(seconds),
+                "-f", str(path), "-h", common.PGHOST, "-p", str(common.PGPORT),
+                "-U", common.PGUSER, dbname,
+            ]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+            tps = re.search(r"tps = ([0-9.]+)", done.stdout)
+            latency = re.search(r"latency average = ([0-9.]+) ms", done.stdout)
+            if done.returncode != 0 or not tps:
+                notes.append(
+                    f"pgbench {what}: exit {done.returncode}: {done.stderr.strip()[-300:]}"
+                )
+                continue
+            rows.append(
+                Row(
+                    f"floor: pgbench single-row {what}, 1 client, autocommit",
+                    float(tps.group(1)),
+                    "tx/s",
+                    f"latency {latency.group(1) if latency else '?'} ms (database only)",
+                    None,
+                    ratio_override="floor",
+                )
+            )
+    common.drop_db(dbname)
+    notes.append(
+        "floor rows: pgbench -n -c 1 -M prepared -T "
+        f"{seconds} on the same PostgreSQL, run first; every commit waits for its WAL flush, so "
+        "this is the most any one-row write path can do on this machine at this moment"
+    )
+    return rows, notes
 
 
 def http_rows(log: object = print) -> tuple[list[Row], list[str]]:
@@ -213,6 +282,11 @@ def main() -> int:
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
 
+    print("pgbench floor …", flush=True)
+    floor_rows, floor_notes = pgbench_floor(5 if args.quick else 10)
+    for row in floor_rows:
+        print(f"  {row.path}: {row.figure:,.0f} tx/s, {row.ceiling}", flush=True)
+
     from bench import queue_core
 
     def log(msg: str) -> None:
@@ -226,8 +300,8 @@ def main() -> int:
         do_profile=not args.no_profile,
         log=log,
     )
-    rows = list(core.rows)
-    notes = list(core.notes)
+    rows = floor_rows + list(core.rows)
+    notes = floor_notes + list(core.notes)
     if not args.no_http:
         more, more_notes = http_rows()
         rows += more

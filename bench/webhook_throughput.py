@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script (bench/run.py does): `bench` is importable
+    sys.path.insert(0, str(ROOT))
 PY = sys.executable
 SECRET = "whsec_benchOnlyNotSecret"
 UUID = "00000000-0000-4000-8000-00000000be4c"
@@ -118,7 +120,10 @@ def main() -> None:
     parser.add_argument(
         "--database-url",
         default=os.environ.get(
-            "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/billing_bench"
+            "BENCH_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/"
+            + os.environ.get("BENCH_DB_PREFIX", "")
+            + "billing_bench",
         ),
     )
     args = parser.parse_args()

@@ -313,11 +313,10 @@ def _agent_get_or_create(purchase: Purchase) -> tuple[Agent, bool]:
     """Insert-first get-or-create on the unique session id, safe against concurrent deliveries.
 
     On PostgreSQL a concurrent insert of the same session waits for the other transaction, then
-    fails with IntegrityError (its savepoint rolls back) and reads the winner's committed row.
+    fails with IntegrityError (its savepoint rolls back) and reads the winner's committed row. No
+    look-up first: a session seen before (another event of it) lands in the except, and a new one,
+    the common case, costs no extra round trip.
     """
-    existing = Agent.objects.filter(stripe_checkout_session_id=purchase.session_id).first()
-    if existing is not None:
-        return existing, False
     try:
         with transaction.atomic():
             agent = Agent.objects.create(

@@ -14,14 +14,22 @@ and no Stripe event or signature ever contains one; a signature header must be A
 from __future__ import annotations
 
 import json
+import logging
+from contextvars import ContextVar
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from djstripe import signals as djstripe_signals
+from djstripe.models import WebhookEndpoint, WebhookEventTrigger
 from djstripe.views import ProcessWebhookView
 
 from provisioning.api.parsers import MAX_NESTING, nesting_depth
+
+logger = logging.getLogger("djstripe.views")  # dj-stripe's view logs there
 
 TOO_DEEP = f"The webhook body is not valid JSON or is nested deeper than {MAX_NESTING} levels."
 
@@ -62,5 +70,58 @@ class StripeWebhookView(ProcessWebhookView):  # type: ignore[misc]
             )
         if nesting_depth(payload) > MAX_NESTING:
             return HttpResponseBadRequest(TOO_DEEP)
-        answer: HttpResponse = super().post(request, *args, **kwargs)
-        return answer
+        return self._process(request, kwargs["uuid"])
+
+    @staticmethod
+    def _process(request: HttpRequest, uuid: Any) -> HttpResponse:
+        """dj-stripe's ProcessWebhookView.post, with the endpoint's owner account read in the
+        same query as the endpoint (dj-stripe reads it right after, for the trigger row), and
+        the trigger saved in the same transaction as the event it processes."""
+        if "stripe-signature" not in request.headers:
+            logger.error("HTTP_STRIPE_SIGNATURE is missing")
+            return HttpResponseBadRequest()
+        endpoint = get_object_or_404(
+            WebhookEndpoint.objects.select_related("djstripe_owner_account"), djstripe_uuid=uuid
+        )
+        # One transaction, one commit: dj-stripe saves the trigger row before and after its own
+        # transaction (three commits, each waiting for a WAL flush). If processing fails, all of
+        # it rolls back and the trigger dj-stripe recorded the error on is saved again, alone.
+        failure = _failed_trigger.set(None)
+        try:
+            with transaction.atomic():
+                trigger = WebhookEventTrigger.from_request(request, webhook_endpoint=endpoint)
+        except Exception:
+            _keep(_failed_trigger.get())
+            raise
+        finally:
+            _failed_trigger.reset(failure)
+        if not trigger.valid:
+            logger.error("Trigger object did not validate")
+            return HttpResponseBadRequest()
+        return HttpResponse(str(trigger.id))
+
+
+# The trigger dj-stripe's webhook_processing_error signal names, while this request handles it.
+_failed_trigger: ContextVar[WebhookEventTrigger | None] = ContextVar("failed_trigger", default=None)
+
+
+def _note_failed_trigger(sender: Any, instance: WebhookEventTrigger, **kwargs: Any) -> None:
+    _failed_trigger.set(instance)
+
+
+djstripe_signals.webhook_processing_error.connect(
+    _note_failed_trigger, dispatch_uid="billing.webhook.failed_trigger"
+)
+
+
+def _keep(trigger: WebhookEventTrigger | None) -> None:
+    """Save a failed delivery's trigger (exception and traceback on it) after the rollback, as
+    dj-stripe does: its Event row was rolled back with the rest, so the trigger names none."""
+    if trigger is None:
+        return
+    trigger.event = None
+    trigger.processed = False
+    try:
+        trigger.save(force_insert=True)
+    except Exception:
+        logger.exception("could not record the failed webhook trigger")

@@ -256,10 +256,13 @@ class ProvisioningJob(models.Model):
             ),
         ]
         indexes = [
-            # The stale sweep (selectors.job_list_stale): in-flight rows only. Indexes id, not
-            # last_heartbeat_at, so heartbeat updates stay HOT (no index column changes).
+            # The stale sweep (selectors.job_list_stale): in-flight rows only. On created_at, which
+            # no heartbeat changes (updates stay HOT), and which follows the rows' order on disk:
+            # on `id` (random) the planner rightly preferred job_status_newest's range instead.
             models.Index(
-                fields=["id"], condition=Q(status=JobStatus.PROVISIONING), name="job_in_flight"
+                fields=["-created_at"],
+                condition=Q(status=JobStatus.PROVISIONING),
+                name="job_in_flight_newest",
             ),
             # Dispatch (selectors.job_list_due): queued rows in FIFO order.
             models.Index(

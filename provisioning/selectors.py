@@ -47,7 +47,7 @@ def job_list_stale(
     """Provisioning jobs silent for longer than the timeout, or past their attempt's deadline.
 
     Silence is measured from the last heartbeat, else the claim, else the last update. Served by the
-    partial index job_in_flight (only provisioning rows are scanned, however big the table).
+    partial index job_in_flight_newest (only provisioning rows are scanned, however big the table).
     """
     timeout = timeout_seconds if timeout_seconds is not None else settings.JOB_TIMEOUT_SECONDS
     deadline = deadline_seconds if deadline_seconds is not None else settings.JOB_DEADLINE_SECONDS

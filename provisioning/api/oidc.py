@@ -11,8 +11,11 @@ deliberately not parsed: its format differs between repositories; the id claims 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Collection
@@ -138,11 +141,31 @@ def _required(name: str, value: object) -> str:
     return str(value)
 
 
-def _signing_key(client: PyJWKClient, token: str) -> Any:
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _unverified_header(token: str) -> dict[str, Any]:
+    """The token's header, to pick the key: only its first segment is decoded here.
+
+    jwt.get_unverified_header would decode and check every segment, character by character in
+    Python (~0.4 ms for a 1.8 kB GitHub token), and jwt.decode does that again right after; the
+    payload and signature are checked there, once.
+    """
+    segment, dot, _rest = token.partition(".")
+    segment = segment.rstrip("=")
+    if not dot or len(segment) % 4 == 1 or not _SEGMENT.fullmatch(segment):
+        raise TokenInvalid("malformed token", "the header is not base64url")
     try:
-        header = jwt.get_unverified_header(token)
-    except jwt.DecodeError as exc:
-        raise TokenInvalid("malformed token", str(exc)) from exc
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error) as exc:
+        raise TokenInvalid("malformed token", f"the header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise TokenInvalid("malformed token", "the header is not a JSON object")
+    return header
+
+
+def _signing_key(client: PyJWKClient, token: str) -> Any:
+    header = _unverified_header(token)
     if header.get("alg") not in ALGORITHMS:
         raise TokenInvalid("bad signature", f"algorithm {header.get('alg')!r} is not RS256")
     kid = header.get("kid")

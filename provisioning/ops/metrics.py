@@ -119,7 +119,7 @@ class JobCollector(Collector):
         )
 
     def _ages(self, now: datetime) -> Iterator[Any]:
-        # Served by job_queued_fifo (queued rows only) and job_in_flight (provisioning rows only).
+        # Served by job_queued_fifo (queued rows only) and job_in_flight_newest (provisioning rows only).
         oldest_queued = ProvisioningJob.objects.filter(status=JobStatus.QUEUED).aggregate(
             t=Min("created_at")
         )["t"]
@@ -144,7 +144,7 @@ class JobCollector(Collector):
         )
 
     def _lifecycle(self, now: datetime) -> Iterator[Any]:
-        # Each reads provisioning rows (job_in_flight) or queued rows (job_queued_fifo) only, the
+        # Each reads provisioning rows (job_in_flight_newest) or queued rows (job_queued_fifo) only, the
         # queued ones with a short probe of their own events (jobevent_job_time); the cleanup
         # count reads failed rows still owing a cleanup run (job_failed_cleanup_due).
         yield GaugeMetricFamily(

@@ -34,6 +34,7 @@ from provisioning.services.common import (
     fail_locked,
     fence_refusal,
     fenced,
+    fenced_touch,
     job_or_run_refusal,
     record_move,
     spend_token,
@@ -151,16 +152,13 @@ def job_heartbeat(
     job no longer provisioning, raises and changes nothing. Returns None on the fast path.
     """
     now = timezone.now()
+    if fenced_touch(job_id, run, now=now, progress=progress, step=step):
+        return None
     changes: dict[str, Any] = {"last_heartbeat_at": now, "updated_at": now}
     if progress is not None:
         changes["progress"] = progress
     fence = fenced(job_id, run, HEARTBEAT)
-    if step is None:
-        if ProvisioningJob.objects.filter(fence).update(**changes):
-            return None
-    else:
-        if ProvisioningJob.objects.filter(fence, step=step).update(**changes):
-            return None
+    if step is not None:
         with transaction.atomic():
             # Only the call that actually changes the step writes the STEP event: two heartbeats
             # announcing the same new step at once make one event, not two.

@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from provisioning import selectors
@@ -22,7 +22,7 @@ from provisioning.errors import (
     ReprovisionLimited,
 )
 from provisioning.models import ACTIVE_STATUSES, Actor, Agent, JobKind, ProvisioningJob
-from provisioning.services.common import record_move
+from provisioning.services.common import insert_new, record_move
 from provisioning.services.dispatch import dispatch_soon
 from provisioning.services.operator import job_retry
 from provisioning.state import ENQUEUE
@@ -42,23 +42,30 @@ def job_enqueue(
     A payment is never refused: if the customer already has work in flight, this job waits in
     `queued` until dispatch reaches it. Dispatch happens after commit.
     """
+    job = ProvisioningJob(
+        agent=agent,
+        user_id=agent.owner_id,
+        region=agent.region,
+        stripe_event_id=stripe_event_id or None,
+        kind=kind,
+        status=ENQUEUE.target,
+    )
+    event = record_move(
+        job,
+        ENQUEUE,
+        actor=actor,
+        reason=reason or (f"Stripe event {stripe_event_id}" if stripe_event_id else kind),
+        save=False,
+    )
     # No look-up first: the unique stripe_event_id decides, and a redelivery lands in the except.
+    # Job and event go in together: on PostgreSQL one statement, atomic on its own; inside a
+    # caller's transaction (or on SQLite) a savepoint keeps a lost race from spoiling it.
     try:
-        with transaction.atomic():
-            job = ProvisioningJob.objects.create(
-                agent=agent,
-                user_id=agent.owner_id,
-                region=agent.region,
-                stripe_event_id=stripe_event_id or None,
-                kind=kind,
-                status=ENQUEUE.target,
-            )
-            record_move(
-                job,
-                ENQUEUE,
-                actor=actor,
-                reason=reason or (f"Stripe event {stripe_event_id}" if stripe_event_id else kind),
-            )
+        if connection.vendor == "postgresql" and not connection.in_atomic_block:
+            insert_new(job, event)
+        else:
+            with transaction.atomic():
+                insert_new(job, event)
     except IntegrityError:
         # Lost a race on the unique stripe_event_id: the winner's job is the answer.
         if stripe_event_id:
