@@ -296,7 +296,7 @@ GITHUB_API_BUDGET_PER_HOUR = env.int("GITHUB_API_BUDGET_PER_HOUR", default=4000)
 HETZNER_API_BUDGET_PER_HOUR = env.int("HETZNER_API_BUDGET_PER_HOUR", default=3600)
 API_BUDGET_WINDOW_SECONDS = env.int("API_BUDGET_WINDOW_SECONDS", default=3600)
 # Hetzner API calls one build makes, used until enough builds have reported their own count.
-HETZNER_CALLS_PER_BUILD = env.int("HETZNER_CALLS_PER_BUILD", default=12)
+HETZNER_CALLS_PER_BUILD = env.int("HETZNER_CALLS_PER_BUILD", default=7)
 # How often the customer's agent page polls its status while work is active.
 DASHBOARD_POLL_SECONDS = env.int("DASHBOARD_POLL_SECONDS", default=3)
 # The operator console's jobs list and job pages, while jobs are queued or provisioning.
