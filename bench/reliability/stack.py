@@ -105,6 +105,12 @@ class Stack:
                 "PROVISIONING_OIDC_ISSUER": self.issuer.issuer,
                 "PROVISIONING_OIDC_JWKS_URL": self.issuer.jwks_url,
                 "LOCAL_HETZNER_URL": self.hetzner_url,
+                # A project with raised limits, like the session's fake Hetzner: these cases are
+                # about storms, kills and restarts, not capacity (`make launch` measures that).
+                # With the default 3,600 calls/hour, builds of a few seconds would bound the
+                # runs in flight to one.
+                "HETZNER_API_BUDGET_PER_HOUR": "1000000",
+                "PROVISIONING_MAX_IN_FLIGHT": "100",
                 "LOCAL_RUNNER_LOG_DIR": str(self.workdir / "runner-logs"),
                 "STRIPE_SECRET_KEY": STRIPE_KEY,
                 "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
