@@ -39,6 +39,7 @@ from provisioning.services.common import (
     record_move,
     spend_token,
 )
+from provisioning.services.dispatch import dispatch_soon
 from provisioning.state import (
     CAPACITY_REQUEUE,
     CLAIM,
@@ -254,6 +255,7 @@ def job_complete(
         )
         if job.is_deprovision:
             capacity_hold_lift(actor=Actor.workflow(run.run_id), now=now)  # a server was freed
+        dispatch_soon(limit=1)  # this run's slot is free
     return job
 
 
@@ -297,6 +299,7 @@ def job_fail(
         if hetzner_calls is not None:  # what this run spent, for limits.py
             job.hetzner_calls = hetzner_calls
             job.save(update_fields=["hetzner_calls"])
+        dispatch_soon(limit=1)  # this run's slot is free (after commit)
         if capacity and not job.is_deprovision:
             return capacity_requeue_locked(
                 job,

@@ -46,10 +46,12 @@ def _serialize_dispatchers() -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [DISPATCH_CAPACITY_LOCK])
 
 
-def dispatch_soon() -> None:
-    """After an enqueue commits, hand due work to a runner now instead of at the next tick."""
+def dispatch_soon(*, limit: int = 5) -> None:
+    """After a commit that made work due or freed a slot (an enqueue, a run's `complete` or
+    `fail`), hand due work to a runner now instead of at the worker's next tick: with every slot
+    busy on launch day, each freed one would otherwise idle for up to WORKER_INTERVAL_SECONDS."""
     if settings.DISPATCH_ON_COMMIT:
-        after_commit(partial(job_dispatch_due, limit=5))
+        after_commit(partial(job_dispatch_due, limit=limit))
 
 
 def job_dispatch_next(

@@ -66,6 +66,30 @@ def test_a_finished_run_frees_its_slot_for_the_oldest_paid_job(capacity, backend
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("report", ["complete", "fail"])
+def test_a_runs_own_report_hands_its_slot_on_at_commit_not_at_the_next_tick(
+    capacity, backend, settings, monkeypatch, django_capture_on_commit_callbacks, report
+):
+    jobs = [enqueue() for _ in range(5)]
+    services.job_dispatch_due(backend=backend)
+    first = jobs[0]
+    run = Run(run_id=backend.runs_for(first.pk)[-1] or "", run_attempt=1)
+    services.job_claim(job_id=first.pk, attempt=1, run=run)
+    settings.DISPATCH_ON_COMMIT = True
+    monkeypatch.setattr("provisioning.backends.get_backend", lambda: backend)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        if report == "complete":
+            services.job_complete(job_id=first.pk, run=run, server_id="1", ipv4="192.0.2.1")
+        else:
+            services.job_fail(job_id=first.pk, run=run, error="boom", failed_step="configure")
+
+    # The freed slot went to the oldest waiting job, and only one slot was freed.
+    assert dispatched_ids(backend) == [str(j.pk) for j in jobs[:4]]
+    assert selectors.job_count_in_flight(now=timezone.now()) == capacity
+
+
+@pytest.mark.django_db
 def test_deprovisions_go_before_older_builds(capacity, backend):
     builds = [enqueue() for _ in range(4)]
     ending = JobFactory(kind=JobKind.DEPROVISION)  # paid for later, but it stops billing
