@@ -1,13 +1,16 @@
 """Billing's own records. Stripe's objects live in dj-stripe's tables; nothing here points at them
-(ids are kept as strings), so billing's migrations never wait on dj-stripe's."""
+(ids are kept as strings). The one model tied to dj-stripe is WebhookEvent, a proxy of its Event
+(no table), so billing's migrations follow dj-stripe's."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import models
+from django.db import IntegrityError, models, transaction
 from django.db.models import Q
+from djstripe.models import Event
+from djstripe.settings import djstripe_settings
 
 
 class OperatorCase(models.Model):
@@ -223,3 +226,50 @@ class StripeCatchUp(models.Model):
 
     def __str__(self) -> str:
         return f"{self.stripe_id} ({self.kind})"
+
+
+# dj-stripe ships no type information, so its Event is Any to the type checker.
+class WebhookEvent(Event):  # type: ignore[misc]
+    """dj-stripe's Event row, made by the webhook with what this service already knows.
+
+    dj-stripe resolves the event's owner account from the API key on every event (a savepoint,
+    the APIKey row, the Account row) although a key never changes hands; here the answer is kept
+    per process (billing.webhook forgets it when an Account or APIKey row is saved or deleted, and
+    after any failed delivery). Events of a connected account (`account` set) go dj-stripe's way.
+    """
+
+    class Meta:
+        proxy = True
+
+    @classmethod
+    def process(cls, data: dict[str, Any], api_key: str | None = None) -> Event:
+        """dj-stripe's Event.process without its two reads of the same row: it checks that the
+        event is new, then, making it, fetches it by id again. Here the INSERT decides: a
+        duplicate (a redelivery, or a concurrent delivery that committed first) fails on the
+        unique id, its savepoint rolls back, and the row already recorded is returned with no
+        receiver run, as dj-stripe does. The row is dj-stripe's Event (its post_save receivers
+        see their own sender)."""
+        api_key = api_key or djstripe_settings.STRIPE_SECRET_KEY
+        try:
+            with transaction.atomic():
+                event = Event(**cls._stripe_object_to_record(data, api_key=api_key))
+                event._attach_objects_hook(Event, data, api_key=api_key)
+                event.save(force_insert=True)
+                event._attach_objects_post_save_hook(Event, data, api_key=api_key)
+                event.invoke_webhook_handlers()
+                return event
+        except IntegrityError:
+            existing = Event.objects.filter(id=data["id"]).first()
+            if existing is not None:
+                return existing
+            raise
+
+    @classmethod
+    def _find_owner_account(cls, data: Any, api_key: Any = None, livemode: Any = None) -> Any:
+        from billing import webhook
+
+        if isinstance(data, dict) and data.get("account"):
+            return super()._find_owner_account(data, api_key=api_key, livemode=livemode)
+        return webhook.owner_account_cached(
+            api_key, lambda: super(WebhookEvent, cls)._find_owner_account(data, api_key=api_key)
+        )
