@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, models
 from django.db.models import Q
 from djstripe.models import Event
 from djstripe.settings import djstripe_settings
@@ -228,6 +228,14 @@ class StripeCatchUp(models.Model):
         return f"{self.stripe_id} ({self.kind})"
 
 
+class EventRecorded(Exception):
+    """The Stripe event's row is already there: nothing of this delivery may be kept."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(f"Stripe event {event_id} is already recorded")
+        self.event_id = event_id
+
+
 # dj-stripe ships no type information, so its Event is Any to the type checker.
 class WebhookEvent(Event):  # type: ignore[misc]
     """dj-stripe's Event row, made by the webhook with what this service already knows.
@@ -242,27 +250,24 @@ class WebhookEvent(Event):  # type: ignore[misc]
         proxy = True
 
     @classmethod
-    def process(cls, data: dict[str, Any], api_key: str | None = None) -> Event:
-        """dj-stripe's Event.process without its two reads of the same row: it checks that the
-        event is new, then, making it, fetches it by id again. Here the INSERT decides: a
-        duplicate (a redelivery, or a concurrent delivery that committed first) fails on the
-        unique id, its savepoint rolls back, and the row already recorded is returned with no
-        receiver run, as dj-stripe does. The row is dj-stripe's Event (its post_save receivers
-        see their own sender)."""
+    def record(cls, data: dict[str, Any], api_key: str | None = None) -> Event:
+        """dj-stripe's Event.process without its two reads of the same row (it checks that the
+        event is new, then, making it, fetches it by id again) and without its savepoint: the
+        INSERT decides. Call it as the first write of a transaction. A duplicate (a redelivery,
+        or a concurrent delivery that committed first) fails on the unique id before any receiver
+        runs, and raises EventRecorded: the caller's transaction must roll back (it holds nothing
+        else) and read the row recorded before. The row is dj-stripe's Event (its post_save
+        receivers see their own sender)."""
         api_key = api_key or djstripe_settings.STRIPE_SECRET_KEY
+        event = Event(**cls._stripe_object_to_record(data, api_key=api_key))
+        event._attach_objects_hook(Event, data, api_key=api_key)
         try:
-            with transaction.atomic():
-                event = Event(**cls._stripe_object_to_record(data, api_key=api_key))
-                event._attach_objects_hook(Event, data, api_key=api_key)
-                event.save(force_insert=True)
-                event._attach_objects_post_save_hook(Event, data, api_key=api_key)
-                event.invoke_webhook_handlers()
-                return event
-        except IntegrityError:
-            existing = Event.objects.filter(id=data["id"]).first()
-            if existing is not None:
-                return existing
-            raise
+            event.save(force_insert=True)
+        except IntegrityError as error:
+            raise EventRecorded(str(data["id"])) from error
+        event._attach_objects_post_save_hook(Event, data, api_key=api_key)
+        event.invoke_webhook_handlers()
+        return event
 
     @classmethod
     def _find_owner_account(cls, data: Any, api_key: Any = None, livemode: Any = None) -> Any:

@@ -26,12 +26,12 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from djstripe import signals as djstripe_signals
-from djstripe.models import Account, APIKey, WebhookEndpoint, WebhookEventTrigger
+from djstripe.models import Account, APIKey, Event, WebhookEndpoint, WebhookEventTrigger
 from djstripe.models.webhooks import get_remote_ip
 from djstripe.settings import djstripe_settings
 from djstripe.views import ProcessWebhookView
 
-from billing.models import WebhookEvent
+from billing.models import EventRecorded, WebhookEvent
 from provisioning.api.parsers import MAX_NESTING, nesting_depth
 
 logger = logging.getLogger("djstripe.views")  # dj-stripe's view logs there
@@ -120,19 +120,31 @@ def _trigger_from_request(request: HttpRequest, endpoint: Any) -> WebhookEventTr
     api_key = _api_key_cached(account) or djstripe_settings.get_default_api_key(endpoint.livemode)
     sender = WebhookEventTrigger
     try:
-        with transaction.atomic():
-            djstripe_signals.webhook_pre_validate.send(sender=sender, instance=trigger)
-            trigger.valid = trigger.validate(secret=endpoint.secret, api_key=api_key)
-            djstripe_signals.webhook_post_validate.send(
-                sender=sender, instance=trigger, valid=trigger.valid
-            )
-            if trigger.valid:
-                djstripe_signals.webhook_pre_process.send(sender=sender, instance=trigger)
-                trigger.event = WebhookEvent.process(trigger.json_body, api_key=api_key)
-                trigger.processed = True
-                djstripe_signals.webhook_post_process.send(
-                    sender=sender, instance=trigger, api_key=api_key
+        try:
+            with transaction.atomic():
+                djstripe_signals.webhook_pre_validate.send(sender=sender, instance=trigger)
+                trigger.valid = trigger.validate(secret=endpoint.secret, api_key=api_key)
+                djstripe_signals.webhook_post_validate.send(
+                    sender=sender, instance=trigger, valid=trigger.valid
                 )
+                if trigger.valid:
+                    djstripe_signals.webhook_pre_process.send(sender=sender, instance=trigger)
+                    trigger.event = WebhookEvent.record(trigger.json_body, api_key=api_key)
+                    trigger.processed = True
+                    djstripe_signals.webhook_post_process.send(
+                        sender=sender, instance=trigger, api_key=api_key
+                    )
+                trigger.save(force_insert=True)
+        except EventRecorded as recorded:
+            # A redelivery: its transaction wrote nothing (the Event INSERT is its first write
+            # and no receiver ran); the trigger names the event recorded before, as dj-stripe's.
+            trigger.event = Event.objects.filter(id=recorded.event_id).first()
+            if trigger.event is None:
+                raise
+            trigger.processed = True
+            djstripe_signals.webhook_post_process.send(
+                sender=sender, instance=trigger, api_key=api_key
+            )
             trigger.save(force_insert=True)
     except Exception as error:
         lookups_forget()  # a look-up kept from a row that is gone must not fail the retry too
