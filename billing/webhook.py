@@ -19,6 +19,7 @@ from collections.abc import Callable
 from traceback import format_exc
 from typing import Any
 
+import stripe
 from django.conf import settings
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
@@ -26,6 +27,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from djstripe import signals as djstripe_signals
+from djstripe.enums import WebhookEndpointValidation
 from djstripe.models import Account, APIKey, Event, WebhookEndpoint, WebhookEventTrigger
 from djstripe.models.webhooks import get_remote_ip
 from djstripe.settings import djstripe_settings
@@ -79,14 +81,20 @@ class StripeWebhookView(ProcessWebhookView):  # type: ignore[misc]
 
     @staticmethod
     def _process(request: HttpRequest, uuid: Any) -> HttpResponse:
-        """dj-stripe's ProcessWebhookView.post, with the endpoint's owner account read in the
-        same query as the endpoint (dj-stripe reads it right after, for the trigger row)."""
+        """dj-stripe's ProcessWebhookView.post, with the endpoint and its owner account kept per
+        process: read again (in one query) when the signature does not verify with the copy."""
         if "stripe-signature" not in request.headers:
             logger.error("HTTP_STRIPE_SIGNATURE is missing")
             return HttpResponseBadRequest()
-        endpoint = get_object_or_404(
-            WebhookEndpoint.objects.select_related("djstripe_owner_account"), djstripe_uuid=uuid
-        )
+        endpoint = _endpoints.get(str(uuid))
+        if endpoint is None or not _signed_for(request, endpoint):
+            # Unknown to this process, or a signature its copy does not accept (the secret may
+            # have been rotated by setup_stripe_webhook in another process): read it again.
+            endpoint = get_object_or_404(
+                WebhookEndpoint.objects.select_related("djstripe_owner_account"),
+                djstripe_uuid=uuid,
+            )
+            _endpoints[str(uuid)] = endpoint
         trigger = _trigger_from_request(request, endpoint)
         if not trigger.valid:
             logger.error("Trigger object did not validate")
@@ -164,11 +172,30 @@ def _trigger_from_request(request: HttpRequest, endpoint: Any) -> WebhookEventTr
     return trigger
 
 
-# Per process: the API key of an account (dj-stripe's Account.default_api_key) and the owner
-# account of a key (dj-stripe's Account.get_or_retrieve_for_api_key). A key belongs to one
-# account for good; a new key, account or endpoint row (setup_stripe_webhook) clears both.
+# Per process: the webhook endpoint row (with its account), the API key of an account
+# (dj-stripe's Account.default_api_key) and the owner account of a key (dj-stripe's
+# Account.get_or_retrieve_for_api_key). A key belongs to one account for good; saving or deleting
+# a key, account or endpoint row in this process, or any failed delivery, clears all three.
 _api_keys: dict[Any, str] = {}
 _owners: dict[str, Any] = {}
+_endpoints: dict[str, Any] = {}
+
+
+def _signed_for(request: HttpRequest, endpoint: Any) -> bool:
+    """Does the delivery's signature verify with this copy of the endpoint's secret? (dj-stripe
+    checks it again, on the trigger; this only decides whether the copy is still good.)"""
+    if endpoint.djstripe_validation_method != WebhookEndpointValidation.verify_signature:
+        return False
+    try:
+        stripe.WebhookSignature.verify_header(
+            request.body.decode("utf-8"),
+            request.headers["Stripe-Signature"],
+            endpoint.secret,
+            endpoint.djstripe_tolerance,
+        )
+    except (stripe.SignatureVerificationError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def _api_key_cached(account: Any) -> str | None:
@@ -193,6 +220,7 @@ def owner_account_cached(api_key: str, find: Callable[[], Any]) -> Any:
 def lookups_forget(*args: Any, **kwargs: Any) -> None:
     _api_keys.clear()
     _owners.clear()
+    _endpoints.clear()
 
 
 for _model in (Account, APIKey, WebhookEndpoint):

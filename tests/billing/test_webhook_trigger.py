@@ -112,3 +112,22 @@ def test_a_new_api_key_row_is_looked_up_again(deliver, customer, endpoint):
     endpoint.djstripe_owner_account.save()
 
     assert not webhook._owners and not webhook._api_keys
+
+
+def test_a_secret_rotated_by_another_process_is_read_again(deliver, customer, endpoint):
+    from djstripe.models import WebhookEndpoint
+
+    from billing import webhook
+
+    assert deliver(load_event("checkout.session.completed__paid", user=customer)).status_code == 200
+    assert webhook._endpoints  # kept by this process
+    # setup_stripe_webhook in another process: no signal reaches this one.
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(secret="whsec_rotatedSecret")
+    event = load_event(
+        "checkout.session.completed__paid", user=customer, session_id=new_session_id()
+    )
+
+    assert deliver(event, secret="whsec_rotatedSecret").status_code == 200
+    old = load_event("checkout.session.completed__paid", user=customer, session_id=new_session_id())
+    assert deliver(old).status_code == 400
+    assert ProvisioningJob.objects.count() == 2
