@@ -1,13 +1,16 @@
 """Billing's own records. Stripe's objects live in dj-stripe's tables; nothing here points at them
-(ids are kept as strings), so billing's migrations never wait on dj-stripe's."""
+(ids are kept as strings). The one model tied to dj-stripe is WebhookEvent, a proxy of its Event
+(no table), so billing's migrations follow dj-stripe's."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import models
+from django.db import IntegrityError, models
 from django.db.models import Q
+from djstripe.models import Event
+from djstripe.settings import djstripe_settings
 
 
 class OperatorCase(models.Model):
@@ -223,3 +226,55 @@ class StripeCatchUp(models.Model):
 
     def __str__(self) -> str:
         return f"{self.stripe_id} ({self.kind})"
+
+
+class EventRecorded(Exception):
+    """The Stripe event's row is already there: nothing of this delivery may be kept."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(f"Stripe event {event_id} is already recorded")
+        self.event_id = event_id
+
+
+# dj-stripe ships no type information, so its Event is Any to the type checker.
+class WebhookEvent(Event):  # type: ignore[misc]
+    """dj-stripe's Event row, made by the webhook with what this service already knows.
+
+    dj-stripe resolves the event's owner account from the API key on every event (a savepoint,
+    the APIKey row, the Account row) although a key never changes hands; here the answer is kept
+    per process (billing.webhook forgets it when an Account or APIKey row is saved or deleted, and
+    after any failed delivery). Events of a connected account (`account` set) go dj-stripe's way.
+    """
+
+    class Meta:
+        proxy = True
+
+    @classmethod
+    def record(cls, data: dict[str, Any], api_key: str | None = None) -> Event:
+        """dj-stripe's Event.process without its two reads of the same row (it checks that the
+        event is new, then, making it, fetches it by id again) and without its savepoint: the
+        INSERT decides. Call it as the first write of a transaction. A duplicate (a redelivery,
+        or a concurrent delivery that committed first) fails on the unique id before any receiver
+        runs, and raises EventRecorded: the caller's transaction must roll back (it holds nothing
+        else) and read the row recorded before. The row is dj-stripe's Event (its post_save
+        receivers see their own sender)."""
+        api_key = api_key or djstripe_settings.STRIPE_SECRET_KEY
+        event = Event(**cls._stripe_object_to_record(data, api_key=api_key))
+        event._attach_objects_hook(Event, data, api_key=api_key)
+        try:
+            event.save(force_insert=True)
+        except IntegrityError as error:
+            raise EventRecorded(str(data["id"])) from error
+        event._attach_objects_post_save_hook(Event, data, api_key=api_key)
+        event.invoke_webhook_handlers()
+        return event
+
+    @classmethod
+    def _find_owner_account(cls, data: Any, api_key: Any = None, livemode: Any = None) -> Any:
+        from billing import webhook
+
+        if isinstance(data, dict) and data.get("account"):
+            return super()._find_owner_account(data, api_key=api_key, livemode=livemode)
+        return webhook.owner_account_cached(
+            api_key, lambda: super(WebhookEvent, cls)._find_owner_account(data, api_key=api_key)
+        )

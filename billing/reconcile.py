@@ -7,8 +7,8 @@ endpoint). Every STRIPE_RECONCILE_INTERVAL_SECONDS the worker (and `manage.py st
 
 1. lists the events this service handles (`GET /v1/events`, `types[]`, `created[gte]` = the
    watermark, newest first, paginated with `starting_after`) and processes, oldest first, each one
-   dj-stripe has not recorded, through dj-stripe's own `Event.process` — the call its webhook view
-   makes — so idempotency is the webhook's: the Event row's unique id makes a late delivery of an
+   dj-stripe has not recorded, through dj-stripe's own `Event.process` (the webhook records the
+   same row through billing.models.WebhookEvent.record) — so idempotency is the webhook's: the Event row's unique id makes a late delivery of an
    event processed here (or a delivery racing this run) a no-op, and the agent's unique
    checkout-session id keeps every purchase at one agent and one job;
 2. audits completed Checkout sessions of the last STRIPE_SESSION_AUDIT_DAYS days

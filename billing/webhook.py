@@ -15,18 +15,25 @@ from __future__ import annotations
 
 import json
 import logging
-from contextvars import ContextVar
+from collections.abc import Callable
+from traceback import format_exc
 from typing import Any
 
+import stripe
 from django.conf import settings
 from django.db import transaction
+from django.db.models.signals import post_delete, post_save
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from djstripe import signals as djstripe_signals
-from djstripe.models import WebhookEndpoint, WebhookEventTrigger
+from djstripe.enums import WebhookEndpointValidation
+from djstripe.models import Account, APIKey, Event, WebhookEndpoint, WebhookEventTrigger
+from djstripe.models.webhooks import get_remote_ip
+from djstripe.settings import djstripe_settings
 from djstripe.views import ProcessWebhookView
 
+from billing.models import EventRecorded, WebhookEvent
 from provisioning.api.parsers import MAX_NESTING, nesting_depth
 
 logger = logging.getLogger("djstripe.views")  # dj-stripe's view logs there
@@ -74,51 +81,160 @@ class StripeWebhookView(ProcessWebhookView):  # type: ignore[misc]
 
     @staticmethod
     def _process(request: HttpRequest, uuid: Any) -> HttpResponse:
-        """dj-stripe's ProcessWebhookView.post, with the endpoint's owner account read in the
-        same query as the endpoint (dj-stripe reads it right after, for the trigger row), and
-        the trigger saved in the same transaction as the event it processes."""
+        """dj-stripe's ProcessWebhookView.post, with the endpoint and its owner account kept per
+        process: read again (in one query) when the signature does not verify with the copy."""
         if "stripe-signature" not in request.headers:
             logger.error("HTTP_STRIPE_SIGNATURE is missing")
             return HttpResponseBadRequest()
-        endpoint = get_object_or_404(
-            WebhookEndpoint.objects.select_related("djstripe_owner_account"), djstripe_uuid=uuid
-        )
-        # One transaction, one commit: dj-stripe saves the trigger row before and after its own
-        # transaction (three commits, each waiting for a WAL flush). If processing fails, all of
-        # it rolls back and the trigger dj-stripe recorded the error on is saved again, alone.
-        failure = _failed_trigger.set(None)
-        try:
-            with transaction.atomic():
-                trigger = WebhookEventTrigger.from_request(request, webhook_endpoint=endpoint)
-        except Exception:
-            _keep(_failed_trigger.get())
-            raise
-        finally:
-            _failed_trigger.reset(failure)
+        endpoint = _endpoints.get(str(uuid))
+        if endpoint is None or not _signed_for(request, endpoint):
+            # Unknown to this process, or a signature its copy does not accept (the secret may
+            # have been rotated by setup_stripe_webhook in another process): read it again.
+            endpoint = get_object_or_404(
+                WebhookEndpoint.objects.select_related("djstripe_owner_account"),
+                djstripe_uuid=uuid,
+            )
+            _endpoints[str(uuid)] = endpoint
+        trigger = _trigger_from_request(request, endpoint)
         if not trigger.valid:
             logger.error("Trigger object did not validate")
             return HttpResponseBadRequest()
         return HttpResponse(str(trigger.id))
 
 
-# The trigger dj-stripe's webhook_processing_error signal names, while this request handles it.
-_failed_trigger: ContextVar[WebhookEventTrigger | None] = ContextVar("failed_trigger", default=None)
+def _trigger_from_request(request: HttpRequest, endpoint: Any) -> WebhookEventTrigger:
+    """dj-stripe's WebhookEventTrigger.from_request, step for step (the same signals, the same
+    validation, the same trigger row), in one transaction with one commit.
+
+    dj-stripe inserts the trigger, commits, validates and processes in a transaction of its own,
+    then updates the trigger (three commits, each waiting for a WAL flush), and reads the API key
+    of the endpoint's account, and the owner account of that key, on every delivery. Here the
+    trigger is written once, at the end, in the transaction that recorded the event; the key
+    and the owner account are kept per process (see WebhookEvent). If validating or processing
+    fails, all of it rolls back and the trigger, with the error on it, is saved alone afterwards.
+    """
+    try:
+        body = request.body.decode(request.encoding or "utf-8")
+    except UnicodeDecodeError:
+        body = "(error decoding body)"
+    account = endpoint.djstripe_owner_account
+    trigger = WebhookEventTrigger(
+        headers=dict(request.headers),
+        body=body,
+        remote_ip=get_remote_ip(request),
+        stripe_trigger_account=account,
+        webhook_endpoint=endpoint,
+    )
+    api_key = _api_key_cached(account) or djstripe_settings.get_default_api_key(endpoint.livemode)
+    sender = WebhookEventTrigger
+    try:
+        try:
+            with transaction.atomic():
+                djstripe_signals.webhook_pre_validate.send(sender=sender, instance=trigger)
+                trigger.valid = trigger.validate(secret=endpoint.secret, api_key=api_key)
+                djstripe_signals.webhook_post_validate.send(
+                    sender=sender, instance=trigger, valid=trigger.valid
+                )
+                if trigger.valid:
+                    djstripe_signals.webhook_pre_process.send(sender=sender, instance=trigger)
+                    trigger.event = WebhookEvent.record(trigger.json_body, api_key=api_key)
+                    trigger.processed = True
+                    djstripe_signals.webhook_post_process.send(
+                        sender=sender, instance=trigger, api_key=api_key
+                    )
+                trigger.save(force_insert=True)
+        except EventRecorded as recorded:
+            # A redelivery: its transaction wrote nothing (the Event INSERT is its first write
+            # and no receiver ran); the trigger names the event recorded before, as dj-stripe's.
+            trigger.event = Event.objects.filter(id=recorded.event_id).first()
+            if trigger.event is None:
+                raise
+            trigger.processed = True
+            djstripe_signals.webhook_post_process.send(
+                sender=sender, instance=trigger, api_key=api_key
+            )
+            trigger.save(force_insert=True)
+    except Exception as error:
+        lookups_forget()  # a look-up kept from a row that is gone must not fail the retry too
+        trigger.exception = str(error)[
+            : WebhookEventTrigger._meta.get_field("exception").max_length
+        ]
+        trigger.traceback = format_exc()
+        djstripe_signals.webhook_processing_error.send(
+            sender=sender,
+            instance=trigger,
+            api_key=api_key,
+            exception=error,
+            data=getattr(error, "http_body", ""),
+        )
+        _keep(trigger)
+        raise
+    return trigger
 
 
-def _note_failed_trigger(sender: Any, instance: WebhookEventTrigger, **kwargs: Any) -> None:
-    _failed_trigger.set(instance)
+# Per process: the webhook endpoint row (with its account), the API key of an account
+# (dj-stripe's Account.default_api_key) and the owner account of a key (dj-stripe's
+# Account.get_or_retrieve_for_api_key). A key belongs to one account for good; saving or deleting
+# a key, account or endpoint row in this process, or any failed delivery, clears all three.
+_api_keys: dict[Any, str] = {}
+_owners: dict[str, Any] = {}
+_endpoints: dict[str, Any] = {}
 
 
-djstripe_signals.webhook_processing_error.connect(
-    _note_failed_trigger, dispatch_uid="billing.webhook.failed_trigger"
-)
+def _signed_for(request: HttpRequest, endpoint: Any) -> bool:
+    """Does the delivery's signature verify with this copy of the endpoint's secret? (dj-stripe
+    checks it again, on the trigger; this only decides whether the copy is still good.)"""
+    if endpoint.djstripe_validation_method != WebhookEndpointValidation.verify_signature:
+        return False
+    try:
+        stripe.WebhookSignature.verify_header(
+            request.body.decode("utf-8"),
+            request.headers["Stripe-Signature"],
+            endpoint.secret,
+            endpoint.djstripe_tolerance,
+        )
+    except (stripe.SignatureVerificationError, UnicodeDecodeError):
+        return False
+    return True
 
 
-def _keep(trigger: WebhookEventTrigger | None) -> None:
+def _api_key_cached(account: Any) -> str | None:
+    if account is None:
+        return None
+    key = _api_keys.get(account.pk)
+    if key is None:
+        key = _api_keys[account.pk] = account.default_api_key
+    return key
+
+
+def owner_account_cached(api_key: str, find: Callable[[], Any]) -> Any:
+    """The owner account of `api_key`, found by `find` once per process."""
+    owner = _owners.get(api_key)
+    if owner is None:
+        owner = find()
+        if owner is not None:
+            _owners[api_key] = owner
+    return owner
+
+
+def lookups_forget(*args: Any, **kwargs: Any) -> None:
+    _api_keys.clear()
+    _owners.clear()
+    _endpoints.clear()
+
+
+for _model in (Account, APIKey, WebhookEndpoint):
+    post_save.connect(
+        lookups_forget, sender=_model, dispatch_uid=f"billing.webhook.{_model.__name__}"
+    )
+    post_delete.connect(
+        lookups_forget, sender=_model, dispatch_uid=f"billing.webhook.del.{_model.__name__}"
+    )
+
+
+def _keep(trigger: WebhookEventTrigger) -> None:
     """Save a failed delivery's trigger (exception and traceback on it) after the rollback, as
     dj-stripe does: its Event row was rolled back with the rest, so the trigger names none."""
-    if trigger is None:
-        return
     trigger.event = None
     trigger.processed = False
     try:

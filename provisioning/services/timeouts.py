@@ -89,7 +89,7 @@ def job_timeout_stale(*, now: datetime | None = None, limit: int = 1000) -> int:
     """
     now = now or timezone.now()
     if connection.vendor != "postgresql":
-        ids = list(selectors.job_list_stale(now=now).values_list("pk", flat=True)[:limit])
+        ids = selectors.job_ids_stale(now=now, limit=limit)
         return sum(job_timeout_if_stale(job_id=pk, now=now) for pk in ids)
     done = 0
     while done < limit:

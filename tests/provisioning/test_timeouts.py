@@ -151,3 +151,21 @@ def test_the_sweep_stops_at_its_limit_and_the_next_one_takes_the_rest(monkeypatc
     assert services.job_timeout_stale(now=CLOCK, limit=5) == 5
     assert services.job_timeout_stale(now=CLOCK) == 0
     assert JobEvent.objects.filter(job__in=jobs, action="timeout").count() == 10
+
+
+def test_the_stale_ids_are_the_stale_querysets_ids_with_a_limit_and_other_limits():
+    from provisioning import selectors
+
+    build()
+    stale = set(selectors.job_list_stale(now=CLOCK).values_list("pk", flat=True))
+
+    assert len(stale) == 10
+    assert set(selectors.job_ids_stale(now=CLOCK, limit=100)) == stale
+    assert set(selectors.job_ids_stale(now=CLOCK, limit=4)) < stale
+    assert len(selectors.job_ids_stale(now=CLOCK, limit=4)) == 4
+    # The compiled SQL is kept, the times are not: an hour later nothing is left out.
+    later = selectors.job_ids_stale(now=CLOCK + HOUR, limit=100, timeout_seconds=1)
+    assert set(later) == set(
+        selectors.job_list_stale(now=CLOCK + HOUR, timeout_seconds=1).values_list("pk", flat=True)
+    )
+    assert len(later) > len(stale)
