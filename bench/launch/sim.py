@@ -194,6 +194,8 @@ class Workload:
     first_sent: float | None = None
     last_paid: float | None = None
     errors: list[str] = field(default_factory=list)
+    post_seconds: list[float] = field(default_factory=list)  # each webhook delivery, wall
+    read_seconds: list[float] = field(default_factory=list)  # each agent page read, wall
 
     def run(self) -> None:
         lanes: list[list[Order]] = [[] for _ in range(self.senders)]
@@ -221,11 +223,13 @@ class Workload:
                     region=order.region,
                 )
                 body = sample_events.encode(event)
+                sent = time.time()
                 status = self._deliver(client, body)
                 paid = time.time()
                 with self._lock:
                     self.statuses[status] += 1
                     self.last_paid = paid
+                    self.post_seconds.append(paid - sent)
                 if status != "200":
                     continue
                 session_id = event["data"]["object"]["id"]
@@ -260,11 +264,14 @@ class Workload:
 
     def _read_eta(self, client: httpx.Client, agent_id: str, cookie: str, paid: float) -> None:
         try:
+            started = time.time()
             response = client.get(
                 f"{self.stack.base_url}/api/v1/agents/{agent_id}/",
-                cookies={self.cookie_name: cookie},
+                headers={"Cookie": f"{self.cookie_name}={cookie}"},
             )
             data = response.json()
+            with self._lock:
+                self.read_seconds.append(time.time() - started)
         except (httpx.HTTPError, ValueError) as exc:
             with self._lock:
                 self.errors.append(f"agent read: {exc!r}")
@@ -588,7 +595,9 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
         (
             "orders / customers",
             f"{n} / {a.customers}; paid over {span:.1f} s wall = {span * f / 60:.1f} sim min; "
-            f"webhook answers {dict(o.workload.statuses)}",
+            f"webhook answers {dict(o.workload.statuses)} (median "
+            f"{measure.median(o.workload.post_seconds) * 1000:.0f} ms wall; agent page read "
+            f"{measure.median(o.workload.read_seconds) * 1000:.0f} ms)",
             "",
         ),
         (
