@@ -264,6 +264,17 @@ REAPER_GRACE_SECONDS = env.int("REAPER_GRACE_SECONDS", default=1800)
 # The Hetzner project at its server limit: new builds wait this long before one is tried again
 # (sooner when a deprovision completes or an operator lifts the hold).
 CAPACITY_RETRY_SECONDS = env.int("CAPACITY_RETRY_SECONDS", default=900)
+# Launch day: runs (provision, deprovision, cleanup) dispatched and not finished, across every
+# worker; the effective limit is the smaller of this and what the Hetzner budget allows
+# (provisioning/limits.py).
+PROVISIONING_MAX_IN_FLIGHT = env.int("PROVISIONING_MAX_IN_FLIGHT", default=20)
+# One GitHub App budget shared by every process (counted in PostgreSQL), and the Hetzner project's
+# rate limit, both per API_BUDGET_WINDOW_SECONDS (an hour; tests and `make launch` shrink it).
+GITHUB_API_BUDGET_PER_HOUR = env.int("GITHUB_API_BUDGET_PER_HOUR", default=4000)
+HETZNER_API_BUDGET_PER_HOUR = env.int("HETZNER_API_BUDGET_PER_HOUR", default=3600)
+API_BUDGET_WINDOW_SECONDS = env.int("API_BUDGET_WINDOW_SECONDS", default=3600)
+# Hetzner API calls one build makes, used until enough builds have reported their own count.
+HETZNER_CALLS_PER_BUILD = env.int("HETZNER_CALLS_PER_BUILD", default=12)
 # How often the customer's agent page polls its status while work is active.
 DASHBOARD_POLL_SECONDS = env.int("DASHBOARD_POLL_SECONDS", default=3)
 

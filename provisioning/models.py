@@ -189,6 +189,9 @@ class ProvisioningJob(models.Model):
     cleanup_run_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 (null: none sent)
     # When the worker last asked the runner backend about this job's run (reconciliation).
     reconciled_at = models.DateTimeField(null=True, blank=True)
+    # Hetzner API calls the run reported making (complete/fail body): what limits.py bounds the
+    # builds in flight with. Null: not reported.
+    hetzner_calls = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -227,6 +230,20 @@ class ProvisioningJob(models.Model):
             models.Index(
                 fields=["created_at"], condition=Q(status=JobStatus.QUEUED), name="job_queued_fifo"
             ),
+            # Dispatch (selectors.job_list_due, job_list_waiting): jobs waiting for capacity in
+            # dispatch order, deprovisions first. Dispatched rows (runs in flight or waiting in
+            # GitHub's queue) are left out, so the due query does not walk them.
+            models.Index(
+                fields=["kind", "created_at", "id"],
+                condition=Q(status=JobStatus.QUEUED, dispatched_at__isnull=True),
+                name="job_waiting_by_kind",
+            ),
+            # Re-sends: dispatched runs nobody claimed, oldest dispatch first.
+            models.Index(
+                fields=["dispatched_at"],
+                condition=Q(status=JobStatus.QUEUED, dispatched_at__isnull=False),
+                name="job_dispatched_unclaimed",
+            ),
             # "Is there an older queued job of this user?" inside the due query.
             models.Index(
                 fields=["user", "created_at"],
@@ -238,6 +255,12 @@ class ProvisioningJob(models.Model):
             # Admin: newest first, filtered by status.
             models.Index(fields=["status", "-created_at"], name="job_status_newest"),
             models.Index(fields=["-created_at"], name="job_newest"),
+            # Cleanup runs sent recently (they count as in flight for a while).
+            models.Index(
+                fields=["cleanup_dispatched_at"],
+                condition=Q(status=JobStatus.FAILED, cleanup_dispatched_at__isnull=False),
+                name="job_cleanup_sent",
+            ),
             # Failed provisions still owing their cleanup run.
             models.Index(
                 fields=["completed_at"],

@@ -9,6 +9,7 @@ from uuid import UUID
 from django.conf import settings
 from django.db.models import Exists, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
 
 from provisioning.models import (
     Actor,
@@ -19,6 +20,9 @@ from provisioning.models import (
     JobStatus,
     ProvisioningJob,
 )
+
+# A cleanup run counts as in flight this long after it was sent (nothing reports its end).
+CLEANUP_IN_FLIGHT_SECONDS = 600
 
 
 def job_get(*, job_id: UUID | str) -> ProvisioningJob | None:
@@ -58,17 +62,8 @@ def job_list_stale(
     )
 
 
-def job_list_due(*, now: datetime, builds_held: bool = False) -> QuerySet[ProvisioningJob]:
-    """Queued jobs a dispatcher may hand to a runner now, oldest first.
-
-    Due: queued; out of backoff; not dispatched within DISPATCH_CLAIM_TIMEOUT_SECONDS (a dispatch
-    nobody claimed in that window is re-sent); the oldest queued job of its user; and that user has
-    no provisioning job. Per-user FIFO keeps a customer's orders in the order they paid.
-
-    `builds_held` (a capacity hold, Hetzner's server limit): provisions are not due, and a
-    customer's waiting provision does not keep their deprovision back (it frees a server).
-    """
-    claim_window = now - timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
+def _fifo_blocked() -> tuple[Exists, Exists]:
+    """Per-customer FIFO: the customer has a provisioning job, or an older queued one."""
     in_flight = ProvisioningJob.objects.filter(
         user_id=OuterRef("user_id"), status=JobStatus.PROVISIONING
     )
@@ -77,16 +72,84 @@ def job_list_due(*, now: datetime, builds_held: bool = False) -> QuerySet[Provis
         status=JobStatus.QUEUED,
         created_at__lt=OuterRef("created_at"),
     )
-    queued = ProvisioningJob.objects.filter(status=JobStatus.QUEUED)
+    return Exists(in_flight), Exists(older_queued)
+
+
+def job_list_due(*, now: datetime, builds_held: bool = False) -> QuerySet[ProvisioningJob]:
+    """Jobs waiting for capacity that a dispatcher may hand to a runner now, in dispatch order
+    (deprovisions first, then oldest paid): queued, never dispatched in this attempt, out of
+    backoff, the oldest queued job of its customer, and that customer has no provisioning job.
+    Per-customer FIFO keeps a customer's orders in the order they paid.
+
+    Dispatched rows are not in the partial index this walks (job_waiting_by_kind), so its cost
+    does not grow with the runs in flight or waiting in GitHub's queue. Whether there is room for
+    one more run is the dispatcher's question (job_count_in_flight), not this query's.
+
+    `builds_held` (a capacity hold, Hetzner's server limit): provisions are not due, and a
+    customer's waiting provision does not keep their deprovision back (it frees a server).
+    """
+    in_flight, older_queued = _fifo_blocked()
+    waiting = _waiting(now=now)
     if builds_held:
-        older_queued = older_queued.filter(kind=JobKind.DEPROVISION)
-        queued = queued.filter(kind=JobKind.DEPROVISION)
-    return (
-        queued.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lte=claim_window))
-        .filter(~Exists(in_flight), ~Exists(older_queued))
-        .order_by("created_at")
+        waiting = waiting.filter(kind=JobKind.DEPROVISION)
+        older_queued = Exists(
+            ProvisioningJob.objects.filter(
+                user_id=OuterRef("user_id"),
+                status=JobStatus.QUEUED,
+                kind=JobKind.DEPROVISION,
+                created_at__lt=OuterRef("created_at"),
+            )
+        )
+    return waiting.filter(~in_flight, ~older_queued).order_by(*DISPATCH_ORDER)
+
+
+def job_list_resend_due(*, now: datetime, builds_held: bool = False) -> QuerySet[ProvisioningJob]:
+    """Queued jobs dispatched longer than DISPATCH_CLAIM_TIMEOUT_SECONDS ago and not claimed: their
+    run is asked about, and re-sent only if it finished or is unknown. Oldest dispatch first
+    (index job_dispatched_unclaimed). They are in flight already: a re-send takes no new room."""
+    claim_window = now - timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
+    due = ProvisioningJob.objects.filter(status=JobStatus.QUEUED, dispatched_at__lte=claim_window)
+    if builds_held:
+        due = due.filter(kind=JobKind.DEPROVISION)
+    return due.order_by("dispatched_at", "id")
+
+
+def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Jobs whose run is in flight: dispatched and not finished. What PROVISIONING_MAX_IN_FLIGHT
+    counts (provisioning/limits.py), each over a partial index:
+
+    - dispatched, not claimed yet (queued with `dispatched_at`): the run is starting or waits in
+      GitHub's queue for a runner (a run GitHub still holds is never re-sent, so it stays here);
+    - provisioning: claimed, its run is building (or deleting, for a deprovision);
+    - a cleanup run (failed provision, `mode: cleanup`): from when it is sent for
+      CLEANUP_IN_FLIGHT_SECONDS (nothing reports a cleanup run's end; the bound is generous for
+      a run that only deletes VMs).
+    """
+    cleanup_window = now - timedelta(seconds=CLEANUP_IN_FLIGHT_SECONDS)
+    return ProvisioningJob.objects.filter(
+        Q(status=JobStatus.QUEUED, dispatched_at__isnull=False)
+        | Q(status=JobStatus.PROVISIONING)
+        | Q(
+            status=JobStatus.FAILED,
+            cleanup_dispatched_at__isnull=False,
+            cleanup_dispatched_at__gt=cleanup_window,
+        )
     )
+
+
+def job_count_in_flight(*, now: datetime) -> int:
+    """How many runs are in flight (job_list_in_flight): three index-served counts."""
+    cleanup_window = now - timedelta(seconds=CLEANUP_IN_FLIGHT_SECONDS)
+    dispatched = ProvisioningJob.objects.filter(
+        status=JobStatus.QUEUED, dispatched_at__isnull=False
+    ).count()
+    building = ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING).count()
+    cleaning = ProvisioningJob.objects.filter(
+        status=JobStatus.FAILED,
+        cleanup_dispatched_at__isnull=False,
+        cleanup_dispatched_at__gt=cleanup_window,
+    ).count()
+    return dispatched + building + cleaning
 
 
 def capacity_hold_in_force(*, now: datetime) -> CapacityHold | None:
@@ -108,16 +171,44 @@ def job_list_cleanup_due() -> QuerySet[ProvisioningJob]:
     ).order_by("completed_at")
 
 
-def job_queue_position(*, job: ProvisioningJob) -> int | None:
-    """1 for the next job to go; None unless queued. Counts older queued jobs."""
-    if not job.is_queued:
+# Dispatch order: deprovisions first (they stop billing for a VM), then oldest paid first. The
+# kind sorts deprovisions first as text ("deprovision" < "provision"), so the partial index
+# job_waiting_by_kind (kind, created_at) serves the order itself: no sort over the waiting rows.
+DISPATCH_ORDER = ("kind", "created_at", "id")
+
+
+def _waiting(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Queued, never dispatched in this attempt, out of retry backoff (index job_waiting_by_kind)."""
+    return ProvisioningJob.objects.filter(
+        status=JobStatus.QUEUED, dispatched_at__isnull=True
+    ).filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+
+
+def job_list_waiting(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Queued jobs waiting for capacity, in the order dispatch takes them: deprovisions first, then
+    oldest paid (created_at) first; a customer's orders stay in the order they paid.
+
+    Left out: jobs already dispatched (their run is in flight, or waits in GitHub's queue) and
+    jobs in a retry's backoff (they rejoin at their place, by payment time, once it ends).
+    A customer's later order is listed at its place although it goes only after their earlier
+    one finished (per-customer FIFO), so a position is a lower bound for such an order.
+    """
+    return _waiting(now=now).order_by(*DISPATCH_ORDER)
+
+
+def job_queue_position(*, job: ProvisioningJob, now: datetime | None = None) -> int | None:
+    """1-based place among job_list_waiting; None when not queued, in backoff or dispatched."""
+    now = now or timezone.now()
+    if not job.is_queued or job.dispatched_at is not None:
         return None
-    return (
-        ProvisioningJob.objects.filter(
-            status=JobStatus.QUEUED, created_at__lt=job.created_at
-        ).count()
-        + 1
+    if job.next_attempt_at is not None and job.next_attempt_at > now:
+        return None
+    ahead = _waiting(now=now).filter(
+        Q(kind__lt=job.kind)
+        | Q(kind=job.kind, created_at__lt=job.created_at)
+        | Q(kind=job.kind, created_at=job.created_at, id__lt=job.pk)
     )
+    return ahead.count() + 1
 
 
 def job_count_customer_retries(*, agent_id: UUID | str, since: datetime) -> int:

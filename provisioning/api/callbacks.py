@@ -184,6 +184,12 @@ class JobCompleteApi(WorkflowRunApi):
         server_id = StrictCharField(max_length=64, allow_blank=True)
         ipv4 = StrictIPv4Field(protocol="IPv4", allow_blank=True)
         server_name = StrictCharField(max_length=128, required=False, allow_blank=True)
+        hetzner_calls = StrictIntegerField(
+            min_value=0,
+            max_value=1_000_000,
+            required=False,
+            help_text="Hetzner API calls this run made (bounds how many builds run at once).",
+        )
 
         class Meta:
             ref_name = "JobCompleteRequest"
@@ -226,6 +232,12 @@ class JobFailApi(WorkflowRunApi):
             default=False,
             help_text="True: Hetzner's server limit stopped the build; requeued without "
             "spending a retry, and builds wait for capacity.",
+        )
+        hetzner_calls = StrictIntegerField(
+            min_value=0,
+            max_value=1_000_000,
+            required=False,
+            help_text="Hetzner API calls this run made (bounds how many builds run at once).",
         )
 
         class Meta:

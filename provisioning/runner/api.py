@@ -176,18 +176,39 @@ class CallbackApi(_ServiceClient):
             body["progress"] = progress
         return self._post("heartbeat", body)
 
-    def complete(self, *, server_id: str, ipv4: str, server_name: str | None) -> dict[str, Any]:
-        body = {"server_id": server_id, "ipv4": ipv4}
+    def complete(
+        self,
+        *,
+        server_id: str,
+        ipv4: str,
+        server_name: str | None,
+        hetzner_calls: int | None = None,
+    ) -> dict[str, Any]:
+        """`hetzner_calls`: the requests this attempt sent to Hetzner (the service learns from
+        them how many builds its Hetzner budget allows at once)."""
+        body: dict[str, Any] = {"server_id": server_id, "ipv4": ipv4}
         if server_name:
             body["server_name"] = server_name
+        if hetzner_calls is not None:
+            body["hetzner_calls"] = hetzner_calls
         return self._post_with_retries("complete", body, tries=6)
 
-    def fail(self, *, error: str, failed_step: str, capacity: bool = False) -> dict[str, Any]:
+    def fail(
+        self,
+        *,
+        error: str,
+        failed_step: str,
+        capacity: bool = False,
+        hetzner_calls: int | None = None,
+    ) -> dict[str, Any]:
         """`capacity`: Hetzner's server limit stopped the build, not a fault of this job; the
-        service requeues it without spending a retry and holds new builds back."""
+        service requeues it without spending a retry and holds new builds back.
+        `hetzner_calls`: as for `complete`, the requests sent up to this report."""
         body: dict[str, Any] = {"error": error[-4000:], "failed_step": failed_step}
         if capacity:
             body["capacity"] = True
+        if hetzner_calls is not None:
+            body["hetzner_calls"] = hetzner_calls
         return self._post_with_retries("fail", body, tries=4)
 
     def authorize_cleanup(self) -> dict[str, Any]:

@@ -161,6 +161,7 @@ def _summary(state: RunState, code: int) -> dict[str, object]:
         "server_id": state.server_id,
         "ipv4": state.ipv4,
         "created_by_this_attempt": state.created_by_this_attempt,
+        "hetzner_calls": state.hetzner_calls,
     }
 
 

@@ -6,6 +6,20 @@ deprovision run finds every VM of an agent (whichever job or attempt made it), t
 all of ours, and a second create of the same name fails with `uniqueness_error` instead of
 making a twin.
 
+Every HTTP request to Hetzner goes through one `requests.Session` that counts it (`requests`,
+and `on_request` so the runner can add it to the attempt's state) and answers Hetzner's 429
+`rate_limit_exceeded` itself: it waits until `RateLimit-Reset` (when the project's budget is full
+again) and sends the same request once more. hcloud's own retry of that code (a jittered
+exponential backoff that knows nothing of the reset) is switched off, so a 429 is never retried
+twice over; hcloud still retries what it always did (timeouts, 502/504, `conflict`), and the
+session counts those requests too.
+
+To keep the calls per build low: a first attempt creates without looking first (a lost create
+answer comes back as `uniqueness_error`, which then finds the VM); the create's actions are
+waited for together, polled with one `GET /actions?id=…` at a growing interval, the first poll
+only after a pause; a VM whose actions succeeded is running (its address came with the create),
+so it is not read again; a delete goes out without reading the server first.
+
 Server types are sold per location: before ordering, the create step asks Hetzner where the
 region's type (RUNNER_SERVER_TYPES) can be ordered and refuses, creating nothing, when no
 location of the region sells it or it is deprecated there.
@@ -13,17 +27,19 @@ location of the region sells it or it is deprecated there.
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TypedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypedDict
 
+import requests
 from hcloud import APIException, Client
 from hcloud.images import Image
 from hcloud.locations import Location
 from hcloud.server_types import ServerType
-from hcloud.servers import BoundServer
+from hcloud.servers import BoundServer, Server
 from hcloud.ssh_keys import SSHKey
 
 from .config import MANAGED_BY, REGION_LOCATIONS, ConfigError, Settings
@@ -40,6 +56,17 @@ _TRY_NEXT_LOCATION = {"resource_unavailable", "placement_error"}
 LOCKED_RETRY_SECONDS = 300.0
 LOCKED_BACKOFF_CAP_SECONDS = 15.0
 
+# Action polling: the first poll after one interval (RUNNER_HCLOUD_POLL_SECONDS), each next one
+# twice as far, up to this many intervals apart; given up after ACTION_TIMEOUT_SECONDS.
+POLL_BACKOFF_CAP_INTERVALS = 8
+ACTION_TIMEOUT_SECONDS = 600.0
+
+# A 429 waits until RateLimit-Reset (a full budget). One request waits at most this long in all;
+# past it the 429 stands and the step fails like any Hetzner error (retried by the service).
+RATE_LIMIT_MAX_WAIT_SECONDS = 3900.0
+# Without a usable RateLimit-Reset (or one already past): wait this long, doubling each time.
+RATE_LIMIT_FALLBACK_SECONDS = 1.0
+
 
 class _Endpoint(TypedDict, total=False):
     api_endpoint: str  # absent: hcloud's own default
@@ -47,6 +74,74 @@ class _Endpoint(TypedDict, total=False):
 
 class CloudError(Exception):
     """Hetzner refused or failed in a way the runner cannot work around."""
+
+
+def rate_limit_pause(headers: Mapping[str, str], *, now: float, fallback: float) -> float:
+    """Seconds until `RateLimit-Reset` (epoch seconds), or `fallback` if it is missing or past."""
+    try:
+        reset = float(headers.get("RateLimit-Reset") or "")
+    except ValueError:
+        return fallback
+    if not math.isfinite(reset) or reset <= now:
+        return fallback
+    return reset - now
+
+
+class CountingSession(requests.Session):
+    """hcloud's HTTP session: counts every request it sends and waits out 429s by RateLimit-Reset.
+
+    `requests` is the count so far; `on_request` hears of each request as it leaves.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_request: Callable[[], None] = lambda: None,
+        sleep: Callable[[float], object] = time.sleep,
+        wall_clock: Callable[[], float] = time.time,
+        log: Callable[[str], None] = lambda _msg: None,
+        max_wait: float = RATE_LIMIT_MAX_WAIT_SECONDS,
+    ) -> None:
+        super().__init__()
+        self.requests = 0
+        self._on_request, self._sleep, self._wall_clock = on_request, sleep, wall_clock
+        self._log, self._max_wait = log, max_wait
+
+    def request(  # type: ignore[override]
+        self, method: str, url: str, *args: Any, **kwargs: Any
+    ) -> requests.Response:
+        waited, fallback = 0.0, RATE_LIMIT_FALLBACK_SECONDS
+        while True:
+            self.requests += 1
+            self._on_request()
+            response = super().request(method, url, *args, **kwargs)
+            if response.status_code != 429:
+                return response
+            pause = rate_limit_pause(response.headers, now=self._wall_clock(), fallback=fallback)
+            if waited + pause > self._max_wait:
+                return response  # hcloud raises rate_limit_exceeded (and no longer retries it)
+            self._log(
+                f"Hetzner answered 429 rate_limit_exceeded to {method} {url}; waiting "
+                f"{pause:.1f}s for its RateLimit-Reset"
+            )
+            response.close()
+            self._sleep(pause)
+            waited += pause
+            fallback = min(fallback * 2, 60.0)
+
+
+def _without_rate_limit_retry(client: Client, session: requests.Session) -> None:
+    """Give hcloud's API client our session, and stop it retrying 429s the session gave up on."""
+    base = client._client  # hcloud 2.27: the ClientBase behind Client.request
+    if not hasattr(base, "_session") or not hasattr(base, "_retry_policy"):
+        raise ConfigError("this hcloud version has no session to count Hetzner requests with")
+    original: Callable[[APIException], bool] = base._retry_policy
+
+    def retry_policy(exc: APIException) -> bool:
+        return exc.code != "rate_limit_exceeded" and original(exc)
+
+    base._session = session
+    setattr(base, "_retry_policy", retry_policy)  # noqa: B010 - an instance's own policy
 
 
 class CapacityExhausted(CloudError):
@@ -119,6 +214,10 @@ class Cloud:
         *,
         sleep: Callable[[float], object] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        on_request: Callable[[], None] = lambda: None,
+        log: Callable[[str], None] = lambda _msg: None,
+        rate_limit_max_wait: float = RATE_LIMIT_MAX_WAIT_SECONDS,
     ) -> None:
         settings.require("hcloud_token")
         self._sleep, self._clock = sleep, clock
@@ -132,7 +231,24 @@ class Cloud:
             timeout=settings.http_timeout_seconds,
             **kwargs,
         )
+        self.session = CountingSession(
+            on_request=on_request,
+            sleep=sleep,
+            wall_clock=wall_clock,
+            log=log,
+            max_wait=rate_limit_max_wait,
+        )
+        _without_rate_limit_retry(self._client, self.session)
         self._settings = settings
+
+    @property
+    def requests(self) -> int:
+        """Requests this client sent to Hetzner (retries and 429s included)."""
+        return self.session.requests
+
+    def _poll_interval(self, polls: int) -> float:
+        base = max(self._settings.hcloud_poll_seconds, 0.05)
+        return min(base * 2.0**polls, base * POLL_BACKOFF_CAP_INTERVALS)
 
     # -- reads ----------------------------------------------------------------------------
     def find(self, label_selector: str) -> list[Vm]:
@@ -177,9 +293,11 @@ class Cloud:
         `on_created` runs as soon as a create is accepted, before waiting on its actions, so the
         caller can record the VM before anything else can go wrong.
         """
-        existing = self._adoptable(job_id)
-        if existing is not None:
-            return existing, existing.labels.get("attempt") == str(attempt)
+        if attempt > 1:
+            # An earlier attempt may have left its VM: adopt it rather than order another.
+            existing = self._adoptable(job_id)
+            if existing is not None:
+                return existing, existing.labels.get("attempt") == str(attempt)
 
         server_type, locations = self.placement(region)
         key_name = self._settings.ssh_key_name
@@ -217,6 +335,10 @@ class Cloud:
                         ) from exc
                     return adopted, adopted.labels.get("attempt") == str(attempt)
                 if exc.code == "resource_limit_exceeded":
+                    # The limit is checked before the name: our VM may exist all the same.
+                    adopted = self._adoptable(job_id)
+                    if adopted is not None:
+                        return adopted, adopted.labels.get("attempt") == str(attempt)
                     raise CapacityExhausted(
                         f"create server in {location}: {exc.code}: {exc.message}"
                     ) from exc
@@ -226,10 +348,11 @@ class Cloud:
                 raise CloudError(f"create server in {location}: {exc.code}: {exc.message}") from exc
             vm = Vm.from_bound(response.server)
             on_created(vm)
-            response.action.wait_until_finished()
-            for action in response.next_actions:
-                action.wait_until_finished()
-            return vm, True
+            self.wait_actions(
+                [response.action.data_model, *(a.data_model for a in response.next_actions)]
+            )
+            # Created and started: running, at the address the create answered with.
+            return replace(vm, status="running"), True
         raise CloudError(
             f"no location in region {region} can take a {server_type}: " + "; ".join(refusals)
         )
@@ -291,8 +414,50 @@ class Cloud:
             raise CloudError(f"server {vm.name} exists but is not labelled for job {job_id}")
         return vm
 
-    def wait_running(self, server_id: str, *, timeout: float, checkpoint: Callable[[], None]) -> Vm:
+    def wait_actions(self, actions: Iterable[Any]) -> None:
+        """Wait until every action (each with `id` and `status`) has finished; raise CloudError if
+        one failed. Those still running are polled together, one request per poll."""
+        pending = {int(a.id): str(a.status) for a in actions}
+        failed = [f"action {i}" for i, status in pending.items() if status == "error"]
+        pending = {i: status for i, status in pending.items() if status == "running"}
+        deadline = self._clock() + ACTION_TIMEOUT_SECONDS
+        polls = 0
+        while pending and not failed:
+            if self._clock() > deadline:
+                raise CloudError(f"actions {sorted(pending)} still running after the timeout")
+            self._sleep(self._poll_interval(polls))
+            polls += 1
+            answer = self._client.request(
+                method="GET", url="/actions", params={"id": sorted(pending)}
+            )
+            for action in answer.get("actions") or []:
+                status = str(action.get("status"))
+                if status == "error":
+                    error = action.get("error") or {}
+                    failed.append(
+                        f"action {action.get('command')} {action.get('id')}: "
+                        f"{error.get('code')}: {error.get('message')}"
+                    )
+                if status != "running":
+                    pending.pop(int(action.get("id")), None)
+        if failed:
+            raise CloudError("; ".join(failed))
+
+    def wait_running(
+        self,
+        server_id: str,
+        *,
+        timeout: float,
+        checkpoint: Callable[[], None],
+        known: Vm | None = None,
+    ) -> Vm:
+        """The server once it runs with an address. `known` (what a create or listing already
+        said about it) saves the first read when it is running already."""
+        if known is not None and known.status == "running" and known.ipv4:
+            checkpoint()
+            return known
         deadline = self._clock() + timeout
+        polls = 0
         while True:
             checkpoint()
             vm = self.get(server_id)
@@ -302,7 +467,8 @@ class Cloud:
                 return vm
             if self._clock() > deadline:
                 raise CloudError(f"server {server_id} still {vm.status!r} after {timeout:.0f}s")
-            self._sleep(max(self._settings.hcloud_poll_seconds, 0.05))
+            self._sleep(self._poll_interval(polls))
+            polls += 1
 
     # -- delete ---------------------------------------------------------------------------
     def delete(self, server_id: str) -> bool:
@@ -311,8 +477,7 @@ class Cloud:
         pause = max(self._settings.hcloud_poll_seconds, 0.05)
         while True:
             try:
-                server = self._client.servers.get_by_id(int(server_id))
-                action = self._client.servers.delete(server)
+                action = self._client.servers.delete(Server(id=int(server_id)))
             except APIException as exc:
                 if exc.code == "not_found":
                     return False
@@ -321,7 +486,7 @@ class Cloud:
                     pause = min(pause * 2, LOCKED_BACKOFF_CAP_SECONDS)
                     continue
                 raise
-            action.wait_until_finished()
+            self.wait_actions([action.data_model])
             return True
 
     def delete_job_servers(self, job_id: str) -> list[Vm]:

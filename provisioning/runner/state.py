@@ -38,6 +38,8 @@ class RunState:
     # The create was refused for the Hetzner project's server limit: reported as capacity.
     capacity_exhausted: bool = False
     last_error: str | None = None
+    # Requests this attempt sent to Hetzner, over every step (each step may be its own process).
+    hetzner_calls: int = 0
     path: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +79,13 @@ class RunState:
     def set_progress(self, progress: int) -> None:
         with self._lock:
             self.progress = progress
+        self.save()
+
+    def count_hetzner_call(self) -> None:
+        """One more request sent to Hetzner: counted and written at once, so a step that dies
+        next still leaves it for the failure step to report."""
+        with self._lock:
+            self.hetzner_calls += 1
         self.save()
 
     def snapshot(self) -> tuple[str, int]:

@@ -84,7 +84,13 @@ class Runner:
     @property
     def cloud(self) -> Cloud:
         if self._cloud is None:
-            self._cloud = Cloud(self.settings, sleep=self._pause or time.sleep, clock=self._clock)
+            self._cloud = Cloud(
+                self.settings,
+                sleep=self._pause or time.sleep,
+                clock=self._clock,
+                on_request=self.state.count_hetzner_call,
+                log=self.log,
+            )
         return self._cloud
 
     @property
@@ -246,7 +252,7 @@ class Runner:
             f"Action create_server for server {vm.id} failed: action_failed: "
             f"server could not be started (host maintenance in {vm.location})",
         )
-        vm = self.cloud.wait_running(vm.id, timeout=300, checkpoint=self.checkpoint)
+        vm = self.cloud.wait_running(vm.id, timeout=300, checkpoint=self.checkpoint, known=vm)
         self.state.ipv4 = vm.ipv4
         self.state.set_progress(40)
         self.log(f"server {vm.name} is running at {vm.ipv4}")
@@ -346,6 +352,7 @@ class Runner:
                 server_id=server_id,
                 ipv4=ipv4,
                 server_name=None if deprovision else self.state.server_name,
+                hetzner_calls=self.state.hetzner_calls,
             )
         except ApiError as exc:
             if exc.is_fenced:
@@ -353,7 +360,7 @@ class Runner:
             raise
         self.state.completed = True
         self.state.save()
-        self.log("reported complete")
+        self.log(f"reported complete ({self._hetzner_calls_text()})")
 
     def delete_job_servers(self) -> list[Vm]:
         """Cleanup: remove every VM labelled with this job id, once the service approves.
@@ -425,13 +432,17 @@ class Runner:
                     error=message,
                     failed_step=self.state.step,
                     capacity=self.state.capacity_exhausted,
+                    hetzner_calls=self.state.hetzner_calls,
                 )
                 self.state.failure_reported = True
                 self.state.save()
                 self.log(
-                    f"reported the project's server limit at {self.state.step}"
-                    if self.state.capacity_exhausted
-                    else f"reported failure at {self.state.step}"
+                    (
+                        f"reported the project's server limit at {self.state.step}"
+                        if self.state.capacity_exhausted
+                        else f"reported failure at {self.state.step}"
+                    )
+                    + f" ({self._hetzner_calls_text()})"
                 )
             except (ApiError, ApiUnavailable, ConfigError) as exc:
                 self.log(f"could not report the failure: {exc}")
@@ -459,6 +470,9 @@ class Runner:
         state.save()
 
     # -- helpers --------------------------------------------------------------------------
+    def _hetzner_calls_text(self) -> str:
+        return f"{self.state.hetzner_calls} Hetzner API request(s) this attempt"
+
     def _ip(self) -> str:
         if not self.state.ipv4:
             raise StepFailed("no server address recorded: did create-server run?")

@@ -202,13 +202,21 @@ def _record_server(
 
 
 def job_complete(
-    *, job_id: UUID | str, run: RunRef, server_id: str, ipv4: str, server_name: str = ""
+    *,
+    job_id: UUID | str,
+    run: RunRef,
+    server_id: str,
+    ipv4: str,
+    server_name: str = "",
+    hetzner_calls: int | None = None,
 ) -> ProvisioningJob:
     """COMPLETE: PROVISIONING -> RUNNING (terminal), recording the server on the agent.
 
     Repeated by the same run (its answer was lost, fresh token): returns the job, no change.
+    `hetzner_calls`, when the run reports it, is stored on the job (limits.py reads it).
     """
     now = timezone.now()
+    reported = {} if hetzner_calls is None else {"hetzner_calls": hetzner_calls}
     with transaction.atomic():
         spend_token(run, job_id=job_id)
         if (
@@ -223,6 +231,7 @@ def job_complete(
             step=Step.COMPLETE,
             progress=100,
             updated_at=now,
+            **reported,
         )
         job = selectors.job_get(job_id=job_id)
         if not done:
@@ -254,7 +263,13 @@ def job_complete(
 
 
 def job_fail(
-    *, job_id: UUID | str, run: RunRef, error: str, failed_step: str, capacity: bool = False
+    *,
+    job_id: UUID | str,
+    run: RunRef,
+    error: str,
+    failed_step: str,
+    capacity: bool = False,
+    hetzner_calls: int | None = None,
 ) -> ProvisioningJob:
     """The run reports failure: FAIL_REQUEUE (PROVISIONING -> QUEUED, with backoff) while retries
     are left, else FAIL (-> FAILED). `capacity` (a provision met Hetzner's server limit):
@@ -281,6 +296,9 @@ def job_fail(
             if already_reported and not job.allows(FAIL):
                 return job
             raise fence_refusal(job_id, run, FAIL)
+        if hetzner_calls is not None:  # what this run spent, for limits.py
+            job.hetzner_calls = hetzner_calls
+            job.save(update_fields=["hetzner_calls"])
         if capacity and not job.is_deprovision:
             return capacity_requeue_locked(
                 job,

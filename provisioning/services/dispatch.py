@@ -4,6 +4,14 @@ one cleanup run per failed provision (CLEANUP). None of these moves changes a jo
 Nothing here talks to the runner backend while holding a row lock: the job is taken and marked
 dispatched in one short transaction, the backend is called outside it, and the answer is
 recorded by a conditional UPDATE that only matches if the job is still where we left it.
+
+Capacity: at most `limits.effective_max_in_flight()` runs are in flight (dispatched and not
+finished: selectors.job_list_in_flight says exactly what counts) across every worker process.
+Taking a job for a new run counts the runs in flight and marks the job dispatched in one
+transaction that first takes a transaction-level PostgreSQL advisory lock, so two dispatchers
+never both see the last free slot (SQLite, one writer at a time, needs no lock). The lock is held
+for the count and the take only, never while the backend is called. Jobs beyond capacity stay
+queued and unwritten: a full queue costs no events and no rows per tick.
 """
 
 from __future__ import annotations
@@ -13,10 +21,10 @@ from datetime import datetime, timedelta
 from functools import partial
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
-from provisioning import backends, selectors
+from provisioning import backends, limits, selectors
 from provisioning.backends.base import DispatchError, DispatchResult, RunnerBackend
 from provisioning.models import Actor, JobEvent, ProvisioningJob, Step
 from provisioning.services.common import after_commit, record_move
@@ -25,6 +33,16 @@ from provisioning.state import CLEANUP, DISPATCH, DISPATCH_FAILED
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_SECONDS = 3600  # GitHub's primary rate limit resets within the hour
+# pg_advisory_xact_lock key serializing "count the runs in flight, then take one" (any bigint
+# no other code uses; this one spells "dispatch" in hex-ish).
+DISPATCH_CAPACITY_LOCK = 0x0D15_9A7C
+
+
+def _serialize_dispatchers() -> None:
+    """Inside the taking transaction: wait for any other dispatcher's count-then-take to commit."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [DISPATCH_CAPACITY_LOCK])
 
 
 def dispatch_soon() -> None:
@@ -34,13 +52,18 @@ def dispatch_soon() -> None:
 
 
 def job_dispatch_next(
-    *, backend: RunnerBackend | None = None, now: datetime | None = None
+    *,
+    backend: RunnerBackend | None = None,
+    now: datetime | None = None,
+    capacity: int | None = None,
 ) -> ProvisioningJob | None:
     """DISPATCH: take the next due job (SKIP LOCKED), mark it dispatched, start a run, record its id.
 
-    Returns the job, or None when no due job could be taken. An empty answer does not prove the
-    queue is empty (a due job locked by another dispatcher is skipped). Several dispatchers at
-    once never take the same job: the row lock plus `dispatched_at` keep it theirs.
+    Returns the job, or None when no due job could be taken: none is due, or `capacity` runs
+    (default `limits.effective_max_in_flight()`) are in flight already. An empty answer does not
+    prove the queue is empty (a due job locked by another dispatcher is skipped). Several
+    dispatchers at once never take the same job: the row lock plus `dispatched_at` keep it theirs.
+    A re-send (below) replaces a run that is counted in flight already, so it needs no free slot.
     A backend failure leaves the job queued with a short backoff and a DISPATCH_FAILED event;
     it never spends a retry.
 
@@ -51,7 +74,9 @@ def job_dispatch_next(
     """
     backend = backend or backends.get_backend()
     now = now or timezone.now()
-    taken = _take_due(now=now)
+    if capacity is None:
+        capacity = limits.effective_max_in_flight(now=now)
+    taken = _take_due(now=now, capacity=capacity)
     if taken is None:
         return None
     job, unclaimed = taken
@@ -83,16 +108,30 @@ _NOT_A_RESEND = object()
 _KEEP_WAITING = object()
 
 
-def _take_due(*, now: datetime) -> tuple[ProvisioningJob, object] | None:
+def _take_due(*, now: datetime, capacity: int) -> tuple[ProvisioningJob, object] | None:
     """Lock the next due job (SKIP LOCKED) and mark it dispatched; with the run it re-sends, if any.
 
-    The second value is the unclaimed run of a re-send (a run id or None), else _NOT_A_RESEND.
+    Re-sends first (their run is in flight already), then, if fewer than `capacity` runs are in
+    flight, the next job waiting for capacity in dispatch order. The second value is the
+    unclaimed run of a re-send (a run id or None), else _NOT_A_RESEND.
     """
     # Hetzner's server limit was hit: builds wait; deprovisions go (they free servers).
     held = selectors.capacity_hold_in_force(now=now) is not None
-    due = selectors.job_list_due(now=now, builds_held=held)
     with transaction.atomic(durable=True):
-        job = due.select_for_update(skip_locked=True, of=("self",)).first()
+        job = (
+            selectors.job_list_resend_due(now=now, builds_held=held)
+            .select_for_update(skip_locked=True, of=("self",))
+            .first()
+        )
+        if job is None:
+            _serialize_dispatchers()
+            if selectors.job_count_in_flight(now=now) >= capacity:
+                return None
+            job = (
+                selectors.job_list_due(now=now, builds_held=held)
+                .select_for_update(skip_locked=True, of=("self",))
+                .first()
+            )
         if job is None:
             return None
         resend = job.dispatched_at is not None
@@ -253,10 +292,11 @@ def dispatch_failed(*, job: ProvisioningJob, dispatched_at: datetime, error: Exc
 def job_dispatch_due(
     *, backend: RunnerBackend | None = None, limit: int = 50, now: datetime | None = None
 ) -> int:
-    """Dispatch up to `limit` due jobs; returns how many were taken."""
+    """Dispatch up to `limit` due jobs while there is capacity; returns how many were taken."""
+    capacity = limits.effective_max_in_flight(now=now)  # once per round: it reads history
     taken = 0
     for _ in range(limit):
-        if job_dispatch_next(backend=backend, now=now) is None:
+        if job_dispatch_next(backend=backend, now=now, capacity=capacity) is None:
             break
         taken += 1
     return taken
@@ -267,12 +307,18 @@ def job_send_cleanup(*, backend: RunnerBackend | None = None, limit: int = 20) -
 
     The run deletes every VM labelled with the job id, so nothing a dead attempt made keeps billing.
     Its run id is stored: that run, and no other, is authorized to delete (job_authorize_cleanup).
+    A cleanup run counts against the in-flight limit like any other run (taken under the same
+    lock and count as dispatch); beyond it, cleanups wait their turn.
     """
     backend = backend or backends.get_backend()
+    capacity = limits.effective_max_in_flight()
     sent = 0
     for _ in range(limit):
         now = timezone.now()
         with transaction.atomic(durable=True):
+            _serialize_dispatchers()
+            if selectors.job_count_in_flight(now=now) >= capacity:
+                break
             job = (
                 selectors.job_list_cleanup_due()
                 .select_for_update(skip_locked=True, of=("self",))

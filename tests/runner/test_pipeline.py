@@ -59,8 +59,14 @@ def test_happy_path_claims_beats_creates_in_ash_and_completes(
         "server_id": str(server["id"]),
         "ipv4": server["public_net"]["ipv4"]["ip"],
         "server_name": f"agent-{job_id}",
+        # Every request the fake saw, counted exactly: look up the type, create, nothing more
+        # (its actions finish at once, and the create answered with the address).
+        "hetzner_calls": 2,
     }
+    assert len(fake_hetzner.requests) == 2
     assert result.summary["completed"] is True
+    assert result.summary["hetzner_calls"] == 2
+    assert "2 Hetzner API request(s) this attempt" in result.stderr
 
 
 def test_every_request_carries_a_fresh_token_for_our_audience(runner_env, callback_api, job_id):
@@ -312,7 +318,9 @@ def test_deprovision_deletes_every_vm_of_the_agent_and_completes_with_empty_ids(
     assert verbs[0] == "claim" and verbs[-1] == "complete"
     assert "fail" not in verbs
     assert callback_api.of("claim")[0].body == {"attempt": 2}
-    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": ""}
+    # One listing and one delete per VM (their delete actions finish at once).
+    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": "", "hetzner_calls": 4}
+    assert len(fake_hetzner.requests) == 4
     assert sorted(s["id"] for s in fake_hetzner.deleted_servers) == sorted(s["id"] for s in ours)
     assert sorted(s["id"] for s in fake_hetzner.servers) == sorted(
         [other_agent["id"], unmanaged["id"]]
@@ -331,7 +339,7 @@ def test_deprovision_with_nothing_to_delete_still_completes(
     result = deprovision(runner_env, job_id)
 
     assert result.returncode == 0, result.stderr
-    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": ""}
+    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": "", "hetzner_calls": 1}
     assert fake_hetzner.deleted_servers == []
 
 

@@ -169,7 +169,9 @@ def test_the_workflow_steps_deprovision_every_vm_of_the_agent(
     assert codes == [0, 0]
     assert stopped_within(loop, 5)
     assert [s["id"] for s in fake_hetzner.servers] == [other["id"]]
-    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": ""}
+    # Counted across the step processes: one listing, two deletes.
+    assert callback_api.of("complete")[0].body == {"server_id": "", "ipv4": "", "hetzner_calls": 3}
+    assert len(fake_hetzner.requests) == 3
 
 
 def test_the_heartbeat_loop_stops_when_its_state_file_disappears(

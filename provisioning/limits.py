@@ -1,0 +1,106 @@
+"""How many runs may be in flight at once, and the figures that bound it.
+
+The service never has more than `effective_max_in_flight()` runs dispatched and not finished.
+That number is the smaller of two limits that are not ours:
+
+- PROVISIONING_MAX_IN_FLIGHT: GitHub-hosted runners run a fixed number of jobs at once per
+  account; runs beyond it wait in GitHub's queue, where a longer wait helps nobody.
+- the Hetzner bound: each build makes some Hetzner API calls (`hetzner_calls_per_build`) over its
+  duration (`typical_build_seconds`); the project answers HETZNER_API_BUDGET_PER_HOUR requests per
+  API_BUDGET_WINDOW_SECONDS. With B builds always running, B x window / duration builds finish per
+  window, making B x window / duration x calls requests; that must stay within the budget.
+
+All three read recent finished jobs (a bounded, indexed read) and fall back to configured figures
+until enough builds have reported theirs. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from datetime import datetime
+
+from django.conf import settings
+from django.utils import timezone
+
+from provisioning.models import JobKind, JobStatus, ProvisioningJob
+
+# A build of a small VM: create, boot, Ansible, health check. Used until builds have finished.
+DEFAULT_BUILD_SECONDS = 600.0
+# How many recent jobs a median is taken over, and how many it needs before it is trusted.
+SAMPLE_SIZE = 50
+MIN_SAMPLES = 5
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if len(values) >= MIN_SAMPLES else None
+
+
+def _recent_build_seconds(*, region: str | None, now: datetime) -> float | None:
+    """Median claim → complete of the last SAMPLE_SIZE successful provision builds (by payment
+    time, index job_status_newest), None when fewer than MIN_SAMPLES."""
+    builds = ProvisioningJob.objects.filter(
+        status=JobStatus.RUNNING,
+        kind=JobKind.PROVISION,
+        claimed_at__isnull=False,
+        completed_at__isnull=False,
+        completed_at__lte=now,
+    )
+    if region is not None:
+        builds = builds.filter(region=region)
+    rows = builds.order_by("-created_at").values_list("claimed_at", "completed_at")[:SAMPLE_SIZE]
+    return _median(
+        [
+            max((completed - claimed).total_seconds(), 0.0)
+            for claimed, completed in rows
+            if claimed is not None and completed is not None
+        ]
+    )
+
+
+def typical_build_seconds(*, region: str | None = None, now: datetime | None = None) -> float:
+    """Median duration (claim → complete) of recent successful provision builds: in `region` when
+    given and enough builds there finished, else over all regions, else DEFAULT_BUILD_SECONDS."""
+    now = now or timezone.now()
+    if region is not None:
+        in_region = _recent_build_seconds(region=region, now=now)
+        if in_region is not None:
+            return in_region
+    overall = _recent_build_seconds(region=None, now=now)
+    return overall if overall is not None else DEFAULT_BUILD_SECONDS
+
+
+def hetzner_calls_per_build() -> float:
+    """Median of the Hetzner calls recent provision builds reported (complete or fail), else
+    HETZNER_CALLS_PER_BUILD."""
+    reported = (
+        ProvisioningJob.objects.filter(
+            kind=JobKind.PROVISION,
+            status__in=(JobStatus.RUNNING, JobStatus.FAILED),
+            hetzner_calls__isnull=False,
+        )
+        .order_by("-created_at")
+        .values_list("hetzner_calls", flat=True)[:SAMPLE_SIZE]
+    )
+    median = _median([float(calls) for calls in reported if calls is not None])
+    return median if median is not None else float(settings.HETZNER_CALLS_PER_BUILD)
+
+
+def hetzner_max_in_flight(*, now: datetime | None = None) -> int | None:
+    """How many builds may run at once within the Hetzner budget; None when builds make no calls."""
+    calls = hetzner_calls_per_build()
+    if calls <= 0:
+        return None
+    seconds = typical_build_seconds(now=now)
+    window = float(settings.API_BUDGET_WINDOW_SECONDS)
+    budget = float(settings.HETZNER_API_BUDGET_PER_HOUR)
+    return math.floor(budget * seconds / (calls * window))
+
+
+def effective_max_in_flight(*, now: datetime | None = None) -> int:
+    """min(PROVISIONING_MAX_IN_FLIGHT, the Hetzner bound); never below 1."""
+    limit = int(settings.PROVISIONING_MAX_IN_FLIGHT)
+    hetzner = hetzner_max_in_flight(now=now)
+    if hetzner is not None:
+        limit = min(limit, hetzner)
+    return max(limit, 1)
