@@ -89,7 +89,7 @@ class FakeRun:
 
 @dataclass(frozen=True)
 class Call:
-    at: float  # time.monotonic()
+    at: float  # the fake's clock (time.monotonic() unless a test gives another)
     method: str
     route: str
     status: int
@@ -119,6 +119,7 @@ class FakeGitHub:
         player: Callable[[FakeRun], str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app_id = str(app_id)
         self.installation_id = str(installation_id)
@@ -131,6 +132,7 @@ class FakeGitHub:
         self.secondary_limit = secondary_limit
         self.secondary_window_seconds = secondary_window_seconds
         self.player = player or (lambda run: "success")
+        self._clock = clock  # the budgets' windows (tests move it)
 
         self._lock = threading.RLock()
         self._ids = itertools.count(20_000_000_001)
@@ -190,18 +192,6 @@ class FakeGitHub:
     def queued(self) -> int:
         with self._lock:
             return len(self._queue)
-
-    def busiest_window(self, window: float) -> int:
-        """The most counted calls in any `window` seconds (a sliding window over `calls`)."""
-        with self._lock:
-            times = [c.at for c in self.calls if c.counted]
-        best = 0
-        start = 0
-        for end, moment in enumerate(times):
-            while moment - times[start] > window:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
 
     def wait_players(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -276,7 +266,7 @@ class FakeGitHub:
 
     def rate_headers(self) -> dict[str, str]:
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self._roll(now)
             return {
                 "x-ratelimit-limit": str(self.rate_limit),
@@ -293,7 +283,7 @@ class FakeGitHub:
 
     def _spend(self, *, content: bool) -> None:
         """One request of the budget (and of the secondary limit for content-creating calls)."""
-        now = time.monotonic()
+        now = self._clock()
         self._roll(now)
         if self._used >= self.rate_limit:
             self.rate_limited += 1
@@ -324,7 +314,7 @@ class FakeGitHub:
         self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: Any
     ) -> tuple[int, Any, dict[str, str]]:
         """(status, JSON body or None, extra headers). Records the call."""
-        started = time.monotonic()
+        started = self._clock()
         route, counted = path, False
         try:
             status, payload, extra, route, counted = self._route(method, path, query, headers, body)
