@@ -107,8 +107,7 @@ def test_a_run_stays_queued_until_a_runner_slot_frees(make_fake):
     gate = Gate()
     fake, backend = make_fake(slots=2, player=gate)
     runs = [
-        backend.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision").run_id
-        for _ in range(3)
+        backend.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision").run_id for _ in range(3)
     ]
     assert all(runs)
     _wait_until(lambda: len(gate.started) == 2)
@@ -184,9 +183,7 @@ def test_a_spent_budget_is_answered_403_with_the_reset_and_refills_with_the_wind
 
 def test_the_secondary_limit_on_dispatches_answers_429_with_retry_after(make_fake):
     clock = Clock()
-    fake, backend = make_fake(
-        slots=0, secondary_limit=2, secondary_window_seconds=60, clock=clock
-    )
+    _fake, backend = make_fake(slots=0, secondary_limit=2, secondary_window_seconds=60, clock=clock)
     for _ in range(2):
         backend.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
     with pytest.raises(DispatchError) as refused:
