@@ -28,6 +28,7 @@ import contextlib
 import math
 import os
 import random
+import resource
 import sys
 import tempfile
 import threading
@@ -402,6 +403,8 @@ class Outcome:
     player: Player
     server_errors: int
     settings_seen: dict[str, Any]
+    cpu_self: float  # CPU seconds of this process (fakes, runs, customers) during the run
+    cpu_children: float  # of the server and the workers (reaped at the end)
 
 
 def simulate(args: argparse.Namespace) -> Outcome:
@@ -506,6 +509,8 @@ def simulate(args: argparse.Namespace) -> Outcome:
         flush=True,
     )
     t0 = time.monotonic()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     drained = False
     try:
         sys.stderr = runner_log  # the runners' step logs
@@ -517,7 +522,9 @@ def simulate(args: argparse.Namespace) -> Outcome:
     finally:
         wall = time.monotonic() - t0
         sampler.stop()
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         stack.stop()
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         github.wait_players(timeout=20)
         sys.stderr = real_stderr
         runner_log.close()
@@ -547,6 +554,8 @@ def simulate(args: argparse.Namespace) -> Outcome:
         player=player,
         server_errors=server_errors,
         settings_seen=settings_seen,
+        cpu_self=cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
+        cpu_children=kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime,
     )
 
 
@@ -648,9 +657,9 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
             "≤ 0.20",
         ),
         (
-            "wall time / server log errors",
-            f"{o.wall_seconds:.0f} s / {o.server_errors}"
-            + (f"; player errors {len(gh.errors)}" if gh.errors else ""),
+            "wall time / CPU (this process; server+workers) / server log errors",
+            f"{o.wall_seconds:.0f} s / {o.cpu_self:.0f} s; {o.cpu_children:.0f} s / "
+            f"{o.server_errors}" + (f"; player errors {len(gh.errors)}" if gh.errors else ""),
             "",
         ),
     ]
