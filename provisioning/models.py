@@ -26,6 +26,8 @@ __all__ = [
     "ACTIVE_STATUSES",
     "Actor",
     "Agent",
+    "ApiBudget",
+    "ApiCallCount",
     "CapacityHold",
     "JobEvent",
     "JobKind",
@@ -474,3 +476,38 @@ class OperatorAlert(models.Model):
 
     def __str__(self) -> str:
         return f"alert for job {self.job_id} attempt {self.attempt}"
+
+
+class ApiBudget(models.Model):
+    """One external API's request budget, shared by every process (services/budget.py).
+
+    A token bucket: `tokens` as of `refilled_at`, refilled continuously; a draw takes one under
+    the row lock. `blocked_until`: the API itself said to wait (a rate-limit answer) and every
+    process waits until then.
+    """
+
+    name = models.CharField(max_length=32, primary_key=True)
+    tokens = models.FloatField()
+    refilled_at = models.DateTimeField()
+    blocked_until = models.DateTimeField(null=True, blank=True)
+    blocked_reason = models.CharField(max_length=300, blank=True, default="")
+
+    def __str__(self) -> str:
+        return f"{self.name} budget ({self.tokens:.0f} left)"
+
+
+class ApiCallCount(models.Model):
+    """Requests made (and refused by the budget) per API and purpose, for /metrics; only grows."""
+
+    budget = models.CharField(max_length=32)
+    purpose = models.CharField(max_length=32)
+    calls = models.BigIntegerField(default=0)
+    refused = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["budget", "purpose"], name="one_count_per_purpose")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.budget}/{self.purpose}: {self.calls}"

@@ -14,6 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from provisioning.backends.base import (
     MODES,
+    BudgetSpent,
     DispatchError,
     DispatchResult,
     RunnerBackend,
@@ -23,6 +24,7 @@ from provisioning.backends.base import (
 
 __all__ = [
     "MODES",
+    "BudgetSpent",
     "DispatchError",
     "DispatchResult",
     "RunStatus",

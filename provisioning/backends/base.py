@@ -75,6 +75,11 @@ class DispatchError(Exception):
         )
 
 
+class BudgetSpent(DispatchError):
+    """The shared API budget has nothing left (or the API said to wait): no request was sent.
+    Work waits for `retry_after` seconds; nothing about it failed."""
+
+
 @runtime_checkable
 class RunnerBackend(Protocol):
     name: str
@@ -97,4 +102,14 @@ class RunnerBackend(Protocol):
 
     def run_url(self, *, run_id: str) -> str | None:
         """A link for operators, if the backend has one."""
+        ...
+
+
+@runtime_checkable
+class RunLister(Protocol):
+    """A backend that can list its unfinished runs in a few calls (GitHub), so reconciliation
+    asks once per round instead of once per job."""
+
+    def list_unfinished_runs(self) -> dict[str, RunStatus]:
+        """Every run not finished yet (UNFINISHED_RUN_STATUSES), by run id."""
         ...

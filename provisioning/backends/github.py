@@ -9,11 +9,17 @@ Rate limits come as 403 or 429: a primary limit with ``x-ratelimit-remaining: 0`
 ``x-ratelimit-reset`` (epoch seconds), a secondary one with ``retry-after`` (seconds) or, without
 it, a message saying so (then wait at least a minute). Either way the DispatchError carries the
 wait in ``retry_after`` and the dispatcher schedules its next try no earlier.
+
+Built by ``from_settings`` (every process's backend), it spends the budget every process shares
+(services/budget.py): each request draws one first, and is not sent when none is left
+(``BudgetSpent``); a rate-limit answer blocks the shared budget until GitHub's reset, so every
+process waits, not just the one that was told.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +37,8 @@ from django.core.exceptions import ImproperlyConfigured
 
 from provisioning.backends.base import (
     MODES,
+    UNFINISHED_RUN_STATUSES,
+    BudgetSpent,
     DispatchError,
     DispatchResult,
     RunStatus,
@@ -46,8 +54,11 @@ APP_JWT_BACKDATE_SECONDS = 60  # GitHub's advice against clock drift
 APP_JWT_LIFETIME_SECONDS = 9 * 60  # GitHub's limit is 10 minutes
 FIND_RUN_LOOKBACK = timedelta(hours=6)
 FIND_RUN_MAX_PAGES = 5
+LIST_PER_PAGE = 100  # GitHub's largest page
+LIST_MAX_PAGES = 20  # per status: 2,000 unfinished runs, far beyond any concurrency limit
 PATH_MAX_CHARS = 4096  # longer than any file path: a key body without its armour
 SECONDARY_LIMIT_DEFAULT_WAIT_SECONDS = 60  # a rate limit that names no wait: at least a minute
+MAX_BLOCK_SECONDS = 3600  # GitHub's primary limit resets within the hour: a wilder hint is capped
 
 
 def load_private_key(value: str) -> str:
@@ -146,6 +157,7 @@ class GitHubBackend:
         client: httpx.Client | None = None,
         timeout: float = TIMEOUT_SECONDS,
         clock: Callable[[], datetime] = _utcnow,
+        shared_budget: bool = False,
     ) -> None:
         owner, _, repo = repository.partition("/")
         if not owner or not repo:
@@ -161,6 +173,7 @@ class GitHubBackend:
         self._private_key = private_key
         self.api_url = api_url.rstrip("/")
         self._clock = clock
+        self.shared_budget = shared_budget  # draw every request from services/budget.py
         self._client = client or httpx.Client(
             base_url=self.api_url,
             transport=transport,
@@ -176,6 +189,8 @@ class GitHubBackend:
         self._token_expires_at: datetime | None = None
         # Flips to False once an Enterprise Server refuses ``return_run_details``.
         self._ask_for_run_details = True
+        # List pages seen, by (status, page): their ETag and runs, for conditional requests.
+        self._pages: dict[tuple[str, int], tuple[str, list[dict[str, Any]]]] = {}
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> GitHubBackend:
@@ -195,6 +210,7 @@ class GitHubBackend:
             "app_id": settings.GITHUB_APP_ID,
             "installation_id": settings.GITHUB_APP_INSTALLATION_ID,
             "api_url": settings.GITHUB_API_URL,
+            "shared_budget": True,
         }
         if "private_key" not in overrides:
             kwargs["private_key"] = load_private_key(settings.GITHUB_APP_PRIVATE_KEY)
@@ -225,6 +241,7 @@ class GitHubBackend:
                 "POST",
                 f"/app/installations/{self.installation_id}/access_tokens",
                 "get an installation token",
+                purpose="token",
                 auth=f"Bearer {self._app_jwt()}",
                 json={"repositories": [self.repo_name], "permissions": {"actions": "write"}},
             )
@@ -248,17 +265,59 @@ class GitHubBackend:
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _send(
-        self, method: str, path: str, what: str, *, auth: str, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        purpose: str,
+        auth: str,
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> httpx.Response:
+        if self.shared_budget:
+            from provisioning.services.budget import api_budget_draw
+
+            wait = api_budget_draw(purpose=purpose)
+            if wait > 0:
+                raise BudgetSpent(
+                    f"the GitHub API budget is spent; {what} waits {math.ceil(wait)} s",
+                    retry_after=math.ceil(wait),
+                )
         try:
-            return self._client.request(method, path, headers={"Authorization": auth}, **kwargs)
+            response = self._client.request(
+                method, path, headers={**(headers or {}), "Authorization": auth}, **kwargs
+            )
         except httpx.TimeoutException as exc:
             raise DispatchError(f"GitHub did not answer in time while trying to {what}") from exc
         except httpx.HTTPError as exc:
             raise DispatchError(f"could not reach GitHub to {what}: {exc}") from exc
+        if self.shared_budget:
+            self._heed_limits(response, what)
+        return response
+
+    @staticmethod
+    def _heed_limits(response: httpx.Response, what: str) -> None:
+        """Tell the shared budget what GitHub said: a 304 did not count; a rate limit (or the
+        last request of GitHub's own hour) makes every process wait until GitHub's reset."""
+        from provisioning.services.budget import api_budget_block, api_budget_refund
+
+        if response.status_code == 304:
+            api_budget_refund()
+            return
+        limited = response.status_code in (403, 429)
+        if not limited and response.headers.get("x-ratelimit-remaining") != "0":
+            return
+        wait = _retry_after_seconds(response, _github_message(response) if limited else "")
+        if wait is not None:
+            api_budget_block(
+                until=_utcnow() + timedelta(seconds=min(wait, MAX_BLOCK_SECONDS)),
+                reason=f"GitHub answered {response.status_code} to {what}",
+            )
 
     def _api(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
-        """An API call with the installation token; one retry with a fresh token on a 401."""
+        """An API call with the installation token; one retry with a fresh token on a 401.
+        `purpose` (keyword) names it in the budget's counts."""
         response = self._send(
             method, path, what, auth=f"Bearer {self._installation_token()}", **kwargs
         )
@@ -295,7 +354,9 @@ class GitHubBackend:
         }
         path = self._repo_path(f"workflows/{self.workflow_file}/dispatches")
         if self._ask_for_run_details:
-            response = self._api("POST", path, what, json={**body, "return_run_details": True})
+            response = self._api(
+                "POST", path, what, purpose="dispatch", json={**body, "return_run_details": True}
+            )
             if _refuses_run_details(response):
                 # GitHub Enterprise Server <= 3.20 refuses the flag: dispatch without it and
                 # let the claim find the run by its title.
@@ -303,11 +364,11 @@ class GitHubBackend:
                     "GitHub refused return_run_details (%s); dispatching without it",
                     _github_message(response),
                 )
-                response = self._api("POST", path, what, json=body)
+                response = self._api("POST", path, what, purpose="dispatch", json=body)
                 if response.status_code == 204:  # it was the flag: stop asking for run details
                     self._ask_for_run_details = False
         else:
-            response = self._api("POST", path, what, json=body)
+            response = self._api("POST", path, what, purpose="dispatch", json=body)
 
         if response.status_code == 204:
             return DispatchResult(run_id=None)
@@ -324,7 +385,9 @@ class GitHubBackend:
 
     def cancel_run(self, *, run_id: str) -> None:
         what = f"cancel run {run_id}"
-        response = self._api("POST", self._repo_path(f"runs/{run_id}/cancel"), what)
+        response = self._api(
+            "POST", self._repo_path(f"runs/{run_id}/cancel"), what, purpose="cancel"
+        )
         if response.status_code in (202, 200, 204):
             return
         if response.status_code == 409:  # already finished: nothing to cancel
@@ -336,7 +399,7 @@ class GitHubBackend:
 
     def get_run(self, *, run_id: str) -> RunStatus | None:
         what = f"read run {run_id}"
-        response = self._api("GET", self._repo_path(f"runs/{run_id}"), what)
+        response = self._api("GET", self._repo_path(f"runs/{run_id}"), what, purpose="get_run")
         if response.status_code == 404:
             return None
         if response.status_code != 200:
@@ -366,7 +429,7 @@ class GitHubBackend:
         for _ in range(FIND_RUN_MAX_PAGES):
             if path is None:
                 break
-            response = self._api("GET", path, what, params=params)
+            response = self._api("GET", path, what, purpose="find_run", params=params)
             if response.status_code != 200:
                 raise self._error(what, response)
             # Newest first: the latest run with this title wins.
@@ -376,6 +439,44 @@ class GitHubBackend:
             next_link = response.links.get("next", {}).get("url")
             path, params = (next_link, None) if next_link else (None, None)
         return None
+
+    def list_unfinished_runs(self) -> dict[str, RunStatus]:
+        """Every unfinished run of our workflow, by id: one list call per status and page
+        (``?status=<s>&per_page=100``), each conditional on the page's last ETag (a 304 reuses
+        what we had and does not count against GitHub's limit)."""
+        runs: dict[str, RunStatus] = {}
+        path = self._repo_path(f"workflows/{self.workflow_file}/runs")
+        for status in sorted(UNFINISHED_RUN_STATUSES):
+            for page in range(1, LIST_MAX_PAGES + 1):
+                listed = self._list_page(path, status=status, page=page)
+                for run in listed:
+                    found = self._run_status(run)
+                    runs[found.run_id] = found
+                if len(listed) < LIST_PER_PAGE:
+                    break
+        return runs
+
+    def _list_page(self, path: str, *, status: str, page: int) -> list[dict[str, Any]]:
+        what = f"list {status} runs (page {page})"
+        cached = self._pages.get((status, page))
+        headers = {"If-None-Match": cached[0]} if cached else None
+        response = self._api(
+            "GET",
+            path,
+            what,
+            purpose="list_runs",
+            headers=headers,
+            params={"status": status, "per_page": LIST_PER_PAGE, "page": page},
+        )
+        if response.status_code == 304 and cached is not None:
+            return cached[1]
+        if response.status_code != 200:
+            raise self._error(what, response)
+        listed = list(response.json().get("workflow_runs", []))
+        etag = response.headers.get("etag")
+        if etag:
+            self._pages[(status, page)] = (etag, listed)
+        return listed
 
     def run_url(self, *, run_id: str) -> str | None:
         parts = urlsplit(self.api_url)

@@ -25,8 +25,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from provisioning import backends, limits, selectors
-from provisioning.backends.base import DispatchError, DispatchResult, RunnerBackend
+from provisioning.backends.base import BudgetSpent, DispatchError, DispatchResult, RunnerBackend
 from provisioning.models import Actor, JobEvent, ProvisioningJob, Step
+from provisioning.services.budget import api_budget_wait
 from provisioning.services.common import after_commit, record_move
 from provisioning.state import CLEANUP, DISPATCH, DISPATCH_FAILED
 
@@ -64,6 +65,10 @@ def job_dispatch_next(
     prove the queue is empty (a due job locked by another dispatcher is skipped). Several
     dispatchers at once never take the same job: the row lock plus `dispatched_at` keep it theirs.
     A re-send (below) replaces a run that is counted in flight already, so it needs no free slot.
+
+    With the shared GitHub API budget spent (services/budget.py) nothing is taken; a draw refused
+    between the take and the call gives the job back as it was, with no event, no backoff and no
+    retry spent: it waits its turn like any other.
     A backend failure leaves the job queued with a short backoff and a DISPATCH_FAILED event;
     it never spends a retry.
 
@@ -76,6 +81,8 @@ def job_dispatch_next(
     now = now or timezone.now()
     if capacity is None:
         capacity = limits.effective_max_in_flight(now=now)
+    if getattr(backend, "shared_budget", False) and api_budget_wait() > 0:
+        return None  # no request left to start a run with: everything waits, untouched
     taken = _take_due(now=now, capacity=capacity)
     if taken is None:
         return None
@@ -84,13 +91,20 @@ def job_dispatch_next(
     # Outside any lock: talk to GitHub (or start the local runner).
     previous_run: str | None = None
     if unclaimed is not _NOT_A_RESEND:
-        replaced = _replace_or_wait(job, backend, mode=mode, previous_run=unclaimed, now=now)
+        try:
+            replaced = _replace_or_wait(job, backend, mode=mode, previous_run=unclaimed, now=now)
+        except BudgetSpent:
+            _give_back(job, dispatched_at=now, was=job.dispatched_at)  # ask again soon
+            return None
         if replaced is _KEEP_WAITING:
             job.refresh_from_db()
             return job
         previous_run = replaced if isinstance(replaced, str) else None
     try:
         result = backend.dispatch(job_id=job.pk, attempt=job.attempt, mode=mode)
+    except BudgetSpent:
+        _give_back(job, dispatched_at=now, was=None)  # no run: it waits for its turn again
+        return None
     except Exception as exc:
         dispatch_failed(job=job, dispatched_at=now, error=exc)
         return job
@@ -140,6 +154,15 @@ def _take_due(*, now: datetime, capacity: int) -> tuple[ProvisioningJob, object]
             fields.update(workflow_run_id=None, run_attempt=None)
         ProvisioningJob.objects.filter(pk=job.pk, status__in=DISPATCH.sources).update(**fields)
     return job, (job.workflow_run_id if resend else _NOT_A_RESEND)
+
+
+def _give_back(job: ProvisioningJob, *, dispatched_at: datetime, was: datetime | None) -> None:
+    """Undo this dispatcher's take (the budget refused the call): `dispatched_at` as it was. No
+    event: nothing was sent and the job's state is what it was before the take."""
+    ProvisioningJob.objects.filter(
+        pk=job.pk, status__in=DISPATCH.sources, attempt=job.attempt, dispatched_at=dispatched_at
+    ).update(dispatched_at=was)
+    logger.info("job %s waits: the GitHub API budget is spent", job.pk)
 
 
 def _replace_or_wait(
@@ -231,6 +254,8 @@ def _previous_run_or_wait(
         if run_id is None:  # dispatched without a run id (older GitHub Enterprise): by its title
             run_id = backend.find_run(job_id=job.pk, attempt=job.attempt, mode=mode)
         run = backend.get_run(run_id=run_id) if run_id else None
+    except BudgetSpent:
+        raise  # not asked: the caller gives the job back and asks when the budget allows
     except Exception:
         logger.exception("could not read run %s of job %s; re-sending its dispatch", run_id, job.pk)
         return run_id, False
@@ -313,6 +338,8 @@ def job_send_cleanup(*, backend: RunnerBackend | None = None, limit: int = 20) -
     backend = backend or backends.get_backend()
     capacity = limits.effective_max_in_flight()
     sent = 0
+    if getattr(backend, "shared_budget", False) and api_budget_wait() > 0:
+        return 0
     for _ in range(limit):
         now = timezone.now()
         with transaction.atomic(durable=True):
@@ -331,7 +358,7 @@ def job_send_cleanup(*, backend: RunnerBackend | None = None, limit: int = 20) -
             )
         try:
             result = backend.dispatch(job_id=job.pk, attempt=job.attempt, mode="cleanup")
-        except Exception as exc:
+        except Exception as exc:  # BudgetSpent too: the cleanup is simply owed still
             ProvisioningJob.objects.filter(pk=job.pk, cleanup_dispatched_at=now).update(
                 cleanup_dispatched_at=None
             )

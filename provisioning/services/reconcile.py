@@ -1,6 +1,12 @@
 """Reconciliation: what the database says against what the runner backend (GitHub) says. A job
 still provisioning on a run the backend reports finished takes the fail path (FAIL_REQUEUE or
 FAIL).
+
+GitHub is asked with list calls: its unfinished runs (one call per status and page of 100, each
+conditional on its ETag), matched to the jobs due a check; only a job whose run is not among them
+costs one more call (GET the run: finished, or unknown). A round's calls do not grow with the jobs
+in flight. When the shared API budget is spent (services/budget.py) the round is skipped and the
+jobs stay due for the next one. A backend that cannot list (the local one) is asked per job.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from provisioning import backends, selectors
-from provisioning.backends.base import RunnerBackend, RunStatus
+from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend, RunStatus
 from provisioning.models import Actor, ProvisioningJob, Step
+from provisioning.services.budget import api_budget_wait
 from provisioning.services.common import fail_locked
 from provisioning.state import FAIL
 
@@ -22,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # A round stops after this many backend errors in a row (GitHub down: don't hammer it).
 RECONCILE_MAX_CONSECUTIVE_ERRORS = 3
+# Jobs a listing round checks at most (its calls do not depend on it; its UPDATEs do).
+RECONCILE_LIST_MAX_JOBS = 2000
 
 
 def job_reconcile_runs(
@@ -45,6 +54,8 @@ def job_reconcile_runs(
     """
     backend = backend or backends.get_backend()
     now = now or timezone.now()
+    if isinstance(backend, RunLister):
+        return _reconcile_by_listing(backend, lister=backend, now=now)
     due = list(
         selectors.job_list_reconcile_due(now=now).values_list(
             "pk", "workflow_run_id", "run_attempt", "attempt", "reconciled_at"
@@ -88,6 +99,66 @@ def job_reconcile_runs(
         ):
             failed += 1
     return failed
+
+
+def _reconcile_by_listing(backend: RunnerBackend, *, lister: RunLister, now: datetime) -> int:
+    """One round with list calls (RunLister): lease every due job in one statement, list the
+    unfinished runs, and ask about each run missing from the list alone. Returns jobs failed."""
+    if getattr(backend, "shared_budget", False) and api_budget_wait(now=now) > 0:
+        logger.info("reconcile: the GitHub API budget is spent; skipping this round")
+        return 0
+    leased = _lease_due(now=now)
+    if not leased:
+        return 0
+    try:
+        unfinished = lister.list_unfinished_runs()
+    except Exception as exc:
+        level = logging.INFO if isinstance(exc, BudgetSpent) else logging.WARNING
+        logger.log(level, "reconcile: could not list runs: %s; skipping this round", exc)
+        for job_id, _run, _ra, _a, previous_check in leased:
+            _release(job_id, now=now, previous_check=previous_check)
+        return 0
+    seen_by = "GitHub" if backend.name == "github" else f"The {backend.name} backend"
+    failed = 0
+    for index, (job_id, run_id, run_attempt, attempt, previous_check) in enumerate(leased):
+        if run_id in unfinished:
+            continue  # still going: the lease stands as this check
+        try:
+            status = backend.get_run(run_id=run_id)  # gone from the list: finished, or unknown?
+        except Exception as exc:
+            logger.warning("reconcile: could not read run %s of job %s: %s", run_id, job_id, exc)
+            for rest in leased[index:]:
+                _release(rest[0], now=now, previous_check=rest[4])
+            break
+        if status is None:
+            _release(job_id, now=now, previous_check=previous_check)
+        elif status.is_finished and _fail_finished_run(
+            job_id=job_id,
+            run_id=run_id,
+            run_attempt=run_attempt,
+            attempt=attempt,
+            status=status,
+            seen_by=seen_by,
+        ):
+            failed += 1
+    return failed
+
+
+def _lease_due(*, now: datetime) -> list[tuple[UUID, str, int | None, int, datetime | None]]:
+    """Take the due jobs for this round: lock them (SKIP LOCKED: another worker's are left to it)
+    and move `reconciled_at` to now in the same transaction, so no other worker checks them
+    within the interval. Returns (id, run id, run attempt, attempt, previous check) each."""
+    with transaction.atomic():
+        rows = list(
+            selectors.job_list_reconcile_due(now=now)
+            .select_for_update(skip_locked=True, of=("self",))
+            .values_list("pk", "workflow_run_id", "run_attempt", "attempt", "reconciled_at")[
+                :RECONCILE_LIST_MAX_JOBS
+            ]
+        )
+        leased = [row for row in rows if row[1] is not None]
+        ProvisioningJob.objects.filter(pk__in=[row[0] for row in leased]).update(reconciled_at=now)
+    return [(pk, str(run), ra, a, prev) for pk, run, ra, a, prev in leased]
 
 
 def _release(job_id: UUID | str, *, now: datetime, previous_check: datetime | None) -> None:

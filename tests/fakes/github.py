@@ -19,6 +19,7 @@ workflow does not declare, a missing required one or a choice outside its option
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import re
@@ -98,6 +99,7 @@ class FakeGitHub:
         self.requests: list[httpx.Request] = []
         self.tokens: dict[str, datetime] = {}
         self.token_requests: list[dict[str, Any]] = []
+        self.not_modified = 0  # 304 answers to conditional list requests
         # status codes, "timeout", or ("primary" | "secondary", status) for a rate limit
         self._failures: list[int | str | tuple[str, int]] = []
         self._run_ids = itertools.count(18_000_000_001)
@@ -327,12 +329,35 @@ class FakeGitHub:
         )
 
     def _list_runs(self, request: httpx.Request, workflow_file: str) -> httpx.Response:
+        """GitHub's list: newest first, filtered by `event` and `status`, `per_page` (at most
+        100) and `page`, a `Link: rel="next"` while more remain, and an ETag: a request naming
+        the current one with If-None-Match gets 304 (which GitHub does not count)."""
         if workflow_file != self.workflow_file:
             return _json(404, {"message": "Not Found"})
-        event = request.url.params.get("event")
-        runs = [r for r in self.runs.values() if event is None or r["event"] == event]
+        params = request.url.params
+        event, status = params.get("event"), params.get("status")
+        per_page = min(int(params.get("per_page", "30")), 100)
+        page = max(int(params.get("page", "1")), 1)
+        with self._lock:
+            runs = [
+                dict(r)
+                for r in self.runs.values()
+                if (event is None or r["event"] == event)
+                and (status is None or r["status"] == status or r["conclusion"] == status)
+            ]
         runs.sort(key=lambda r: r["id"], reverse=True)
-        return _json(200, {"total_count": len(runs), "workflow_runs": runs})
+        body = {"total_count": len(runs), "workflow_runs": runs[(page - 1) * per_page :][:per_page]}
+        etag = (
+            '"' + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32] + '"'
+        )
+        if request.headers.get("if-none-match") == etag:
+            self.not_modified += 1
+            return httpx.Response(304, headers={"etag": etag})
+        headers = {"etag": etag}
+        if page * per_page < len(runs):
+            next_url = request.url.copy_set_param("page", str(page + 1))
+            headers["link"] = f'<{next_url}>; rel="next"'
+        return _json(200, body, headers)
 
     def _cancel(self, run_id: str) -> httpx.Response:
         run = self.runs.get(run_id)

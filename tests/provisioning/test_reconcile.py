@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from provisioning import services
-from provisioning.backends.base import RunStatus
+from provisioning.backends.base import UNFINISHED_RUN_STATUSES, RunStatus
 from provisioning.errors import InvalidTransition
 from provisioning.models import Actor, JobEvent, JobStatus, ProvisioningJob, Step
 from provisioning.services import Run
@@ -42,6 +42,11 @@ def checked_long_ago(settings) -> dict:
     return {
         "claimed_at": timezone.now() - timedelta(seconds=settings.RECONCILE_INTERVAL_SECONDS + 5)
     }
+
+
+def list_calls(fake_github) -> int:
+    path = f"/repos/{fake_github.repository}/actions/workflows/{fake_github.workflow_file}/runs"
+    return sum(1 for r in fake_github.requests if r.method == "GET" and r.url.path == path)
 
 
 def run_reads(fake_github, run_id: str) -> int:
@@ -145,7 +150,9 @@ def test_a_run_still_in_progress_is_left_alone_and_not_asked_again_within_the_in
     job.refresh_from_db()
     assert (job.status, job.attempt, job.step) == (JobStatus.PROVISIONING, 1, Step.CONFIGURE)
     assert job.reconciled_at is not None
-    assert run_reads(fake_github, run.run_id) == 1
+    # Found among the listed unfinished runs: no call about this run, one list round only.
+    assert run_reads(fake_github, run.run_id) == 0
+    assert list_calls(fake_github) == len(UNFINISHED_RUN_STATUSES)
     assert not JobEvent.objects.filter(job=job, action=JobEvent.Action.FAIL).exists()
 
 
@@ -180,7 +187,7 @@ def test_github_errors_are_logged_and_leave_the_job_untouched(fake_github, setti
 
     job.refresh_from_db()
     assert (job.status, job.attempt, job.reconciled_at) == (JobStatus.PROVISIONING, 1, None)
-    assert f"could not read run {run.run_id}" in caplog.text
+    assert "could not list runs" in caplog.text
     # GitHub is back: the next round settles it.
     assert services.job_reconcile_runs() == 1
 

@@ -246,6 +246,7 @@ def test_run_url_on_enterprise_server_drops_the_api_prefix(fake):
     assert github.run_url(run_id="9") == "https://ghe.example.com/acme/agents/actions/runs/9"
 
 
+@pytest.mark.django_db  # from_settings: the shared API budget lives in the database
 def test_the_private_key_may_be_a_file_path(fake, settings, tmp_path):
     key_file = tmp_path / "app.pem"
     key_file.write_text(fake.private_key_pem)
@@ -259,6 +260,7 @@ def test_the_private_key_may_be_a_file_path(fake, settings, tmp_path):
     assert github.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision").run_id
 
 
+@pytest.mark.django_db  # from_settings: the shared API budget lives in the database
 def test_get_backend_gives_the_installed_fake(settings):
     gen = installed_fake_github(settings)
     fake = next(gen)
