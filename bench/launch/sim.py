@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="give up waiting for the queue to drain after this many wall seconds",
     )
     p.add_argument("--senders", type=int, default=8, help="webhook sender threads")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="orders built before the launch (recent history for the ETA and the limits)",
+    )
     p.add_argument("--workers", type=int, default=2, help="provisioning_worker processes")
     p.add_argument("--seed", type=int, default=15)
     p.add_argument("--keep", action="store_true", help="keep the logs' directory")
@@ -287,16 +293,16 @@ class Workload:
                 self.unread += 1
 
 
-def make_customers(m: int) -> tuple[list[Any], list[str]]:
+def make_customers(m: int, prefix: str) -> tuple[list[Any], list[str]]:
     """M users (no password) and a logged-in session for each."""
     from django.contrib.auth import get_user_model
     from django.contrib.sessions.backends.db import SessionStore
 
     user_model = get_user_model()
     user_model.objects.bulk_create(
-        [user_model(username=f"launch-{i}", email=f"launch-{i}@example.com") for i in range(m)]
+        [user_model(username=f"{prefix}-{i}", email=f"{prefix}-{i}@example.com") for i in range(m)]
     )
-    users = list(user_model.objects.filter(username__startswith="launch-").order_by("pk"))
+    users = list(user_model.objects.filter(username__startswith=f"{prefix}-").order_by("pk"))
     cookies = []
     for user in users:
         session = SessionStore()
@@ -312,25 +318,50 @@ def make_customers(m: int) -> tuple[list[Any], list[str]]:
 
 
 class Sampler(threading.Thread):
-    """Every 50 ms: runs GitHub holds unfinished and runs in progress (the most of each)."""
+    """Every 50 ms: runs GitHub holds unfinished and runs in progress; every 10th sample also the
+    service's own count of runs in flight (jobs dispatched and not claimed, plus provisioning:
+    what its limit counts), read from PostgreSQL."""
 
-    def __init__(self, github: FakeGitHub) -> None:
+    SERVICE_IN_FLIGHT = (
+        "SELECT count(*) FILTER (WHERE status = 'queued' AND dispatched_at IS NOT NULL) "
+        "+ count(*) FILTER (WHERE status = 'provisioning') FROM provisioning_provisioningjob"
+    )
+
+    def __init__(self, github: FakeGitHub, db_url: str) -> None:
         super().__init__(daemon=True, name="sampler")
         self.github = github
+        self.db_url = db_url
         self.samples = 0
         self.max_unfinished = 0
         self.max_running = 0
+        self.max_service = 0
+        self.running_series: list[tuple[float, int]] = []  # (monotonic, runs in progress)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(0.05):
-            self.samples += 1
-            self.max_unfinished = max(self.max_unfinished, self.github.unfinished())
-            self.max_running = max(self.max_running, self.github.running())
+        import psycopg
+
+        with psycopg.connect(
+            self.db_url.replace("postgres://", "postgresql://", 1), autocommit=True
+        ) as conn:
+            while not self._stop_event.wait(0.05):
+                self.samples += 1
+                running = self.github.running()
+                self.running_series.append((time.monotonic(), running))
+                self.max_unfinished = max(self.max_unfinished, self.github.unfinished())
+                self.max_running = max(self.max_running, running)
+                if self.samples % 10 == 0:
+                    row = conn.execute(self.SERVICE_IN_FLIGHT).fetchone()
+                    self.max_service = max(self.max_service, int(row[0]) if row else 0)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=5)
+
+    def utilization(self, start: float, end: float, capacity: int) -> float:
+        """Mean runs in progress over [start, end] (monotonic), as a share of the slots."""
+        inside = [n for t, n in self.running_series if start <= t <= end]
+        return sum(inside) / len(inside) / capacity if inside and capacity else math.nan
 
 
 def status_counts(db_url: str) -> Counter[str]:
@@ -405,6 +436,7 @@ class Outcome:
     settings_seen: dict[str, Any]
     cpu_self: float  # CPU seconds of this process (fakes, runs, customers) during the run
     cpu_children: float  # of the server and the workers (reaped at the end)
+    marks: dict[str, float]  # where the launch began: clocks and counters after the warm-up
 
 
 def simulate(args: argparse.Namespace) -> Outcome:
@@ -489,17 +521,27 @@ def simulate(args: argparse.Namespace) -> Outcome:
         if hasattr(settings, name)
     }
     rng = random.Random(args.seed)
-    users, cookies = make_customers(args.customers)
-    orders = plan_orders(args.orders, args.customers, rng)
+    users, cookies = make_customers(args.customers, "launch")
     workload = Workload(
         stack=stack,
         users=users,
         cookies=cookies,
         cookie_name=settings.SESSION_COOKIE_NAME,
-        orders=orders,
+        orders=plan_orders(args.orders, args.customers, rng),
         senders=args.senders,
     )
-    sampler = Sampler(github)
+    # Earlier that day: a few orders, so the service has recent builds to go by (the ETA's build
+    # time, the Hetzner calls per build) as it would on any day but its first.
+    early_users, early_cookies = make_customers(args.warmup, "earlier")
+    warmup = Workload(
+        stack=stack,
+        users=early_users,
+        cookies=early_cookies,
+        cookie_name=settings.SESSION_COOKIE_NAME,
+        orders=plan_orders(args.warmup, args.warmup, rng),
+        senders=args.senders,
+    )
+    sampler = Sampler(github, db_url)
     runner_log = (workdir / "runners.log").open("a")
     real_stderr = sys.stderr
     stack.start()
@@ -508,19 +550,30 @@ def simulate(args: argparse.Namespace) -> Outcome:
         f"F={factor:g} (1 simulated hour = {3600 / factor:.0f} s wall); logs in {workdir}",
         flush=True,
     )
-    t0 = time.monotonic()
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     drained = False
+    marks: dict[str, float] = {}
     try:
         sys.stderr = runner_log  # the runners' step logs
+        if args.warmup:
+            warmup.run()
+            wait_drained(db_url, args.warmup, time.monotonic() + 60, time.monotonic(), factor)
+        marks = {
+            "t0": time.monotonic(),
+            "epoch_minus_mono": time.time() - time.monotonic(),
+            "hetzner_calls": len(hetzner.call_log),
+            "provision_runs": player.played.get("provision", 0),
+            "github_runs": max(github.runs, default=0),
+        }
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         sampler.start()
         sender = threading.Thread(target=workload.run, name="workload")
         sender.start()
-        drained = wait_drained(db_url, args.orders, t0 + args.max_wall, t0, factor)
+        t0 = marks["t0"]
+        drained = wait_drained(db_url, args.orders + args.warmup, t0 + args.max_wall, t0, factor)
         sender.join(timeout=60)
     finally:
-        wall = time.monotonic() - t0
+        wall = time.monotonic() - marks.get("t0", time.monotonic())
         sampler.stop()
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         stack.stop()
@@ -556,6 +609,7 @@ def simulate(args: argparse.Namespace) -> Outcome:
         settings_seen=settings_seen,
         cpu_self=cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
         cpu_children=kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime,
+        marks=marks,
     )
 
 
@@ -586,11 +640,20 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     gh_peak = measure.busiest_window([c.at for c in gh_calls], hour)
     gh_304 = sum(1 for c in gh.calls if c.status == 304)
     by_route = Counter(c.route for c in gh_calls)
-    h_calls = list(o.hetzner.call_log)
-    h_peak = measure.busiest_window([t for t, _ in h_calls], hour)
+    h_all = list(o.hetzner.call_log)
+    h_peak = measure.busiest_window([t for t, _ in h_all], hour)
+    h_calls = h_all[int(o.marks.get("hetzner_calls", 0)) :]  # the launch's, not the warm-up's
     h_429 = sum(1 for _, s in h_calls if s == 429)
-    provision_runs = o.player.played.get("provision", 0)
+    provision_runs = o.player.played.get("provision", 0) - int(o.marks.get("provision_runs", 0))
     per_build = len(h_calls) / provision_runs if provision_runs else math.nan
+    launch_runs = [r for i, r in gh.runs.items() if i > o.marks.get("github_runs", 0)]
+    waits = [r.started_mono - r.dispatched_mono for r in launch_runs if r.started_mono]
+    shift = o.marks.get("epoch_minus_mono", 0.0)
+    util = (
+        o.sampler.utilization(t_start - shift, max(running_times) - shift, a.capacity)
+        if running_times
+        else math.nan
+    )
     inv = measure.inversions(jobs)
     errs = measure.eta_errors(o.workload.predictions, jobs)
     eta = measure.median(errs)
@@ -634,10 +697,21 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
         ),
         ("re-dispatches of runs GitHub still held", str(gh.resent_while_held), "0"),
         (
-            "most runs in flight (dispatched, unfinished)",
-            f"{max_in_flight} (in progress at once: {gh.max_running}; {o.sampler.samples} samples)",
+            "most runs in flight: GitHub's view (dispatched, not completed) / the service's count",
+            f"{max_in_flight} / {o.sampler.max_service} (in progress at once: {gh.max_running}; "
+            f"{o.sampler.samples} samples)",
             f"≤ {a.capacity}",
         ),
+        (
+            "wait in GitHub's queue for a runner, p50 / p95 / max",
+            " / ".join(
+                f"{v * f:.0f} s"
+                for v in (measure.median(waits), _p95(waits), max(waits, default=0))
+            )
+            + f" sim ({len(launch_runs)} runs)",
+            "",
+        ),
+        ("runner slots busy while draining (mean)", f"{measure.fmt(util * 100, 0)} %", ""),
         (
             "GitHub API calls, busiest sim hour",
             f"{gh_peak} of {len(gh_calls)} ({dict(by_route)}); 304s {gh_304}",
@@ -678,6 +752,11 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
         "eta_error": measure.fmt(eta),
     }
     return rows, last
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[int(0.95 * (len(ordered) - 1))] if ordered else math.nan
 
 
 def render(rows: list[tuple[str, str, str]], last: dict[str, str]) -> str:
