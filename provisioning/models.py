@@ -377,6 +377,8 @@ class JobEvent(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["job", "created_at"], name="jobevent_job_time"),
+            # /metrics' timings and the admin overview's chart: recent events of a few actions.
+            models.Index(fields=["action", "created_at"], name="jobevent_action_time"),
             # Serves the claim check "was this run ever dispatched for this job?".
             models.Index(
                 fields=["job", "workflow_run_id"],

@@ -30,6 +30,7 @@ from djstripe.models import Event as StripeEvent
 
 from provisioning import selectors, services
 from provisioning.admin import search
+from provisioning.admin.activity import overview_activity
 from provisioning.admin.common import (
     EstimatedCountPaginator,
     ReadOnlyAdmin,
@@ -566,6 +567,7 @@ def job_overview(*, now: datetime) -> dict[str, Any]:
         "unfulfillable": _unfulfillable_payments(),
         "cards": _extra_cards(now),
         "capacity_hold": _capacity_hold(now=now),
+        "activity": overview_activity(now=now),
     }
 
 

@@ -34,7 +34,20 @@ class AgentJobSerializer(serializers.Serializer[Any]):
     retry_count = serializers.IntegerField()
     max_retries = serializers.IntegerField()
     queue_position = serializers.IntegerField(
-        allow_null=True, help_text="1 = next to go; null unless queued."
+        allow_null=True,
+        help_text=(
+            "Place among the jobs waiting for a build slot, in the order they are dispatched "
+            "(1 = next to go); null unless queued and waiting its turn (null too in a retry's "
+            "backoff and once dispatched, while GitHub finds a build machine)."
+        ),
+    )
+    estimated_ready_at = serializers.DateTimeField(
+        allow_null=True,
+        help_text=(
+            "When the agent should be ready (for a deprovision: its server gone), estimated from "
+            "the queue ahead, the builds in flight, the build slots in force and recent build "
+            "times in the agent's region; null unless queued."
+        ),
     )
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
@@ -87,6 +100,7 @@ def agent_view(agent: Agent) -> dict[str, Any]:
             "retry_count": job.retry_count,
             "max_retries": job.max_retries,
             "queue_position": status.queue_position,
+            "estimated_ready_at": status.estimated_ready_at,
             "created_at": job.created_at,
             "updated_at": job.updated_at,
             "completed_at": job.completed_at,

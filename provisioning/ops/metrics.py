@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from provisioning import selectors
 from provisioning.models import ACTIVE_STATUSES, JobKind, JobStatus, ProvisioningJob, WorkerBeat
+from provisioning.ops import timings
 
 # Provisioning takes minutes; buckets from 30 s to 2 h (seconds).
 DURATION_BUCKETS = (30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200)
@@ -37,6 +38,13 @@ EXTRA_COLLECTORS: dict[str, Callable[[datetime], Iterable[Any]]] = {}
 
 def collector_register(name: str, collect: Callable[[datetime], Iterable[Any]]) -> None:
     EXTRA_COLLECTORS[name] = collect
+
+
+def _buckets(histogram: timings.Histogram) -> list[tuple[str, float]]:
+    """Prometheus' cumulative buckets: each bound's count, then +Inf with them all."""
+    buckets: list[tuple[str, float]] = [(str(b), n) for b, n in histogram.buckets]
+    buckets.append(("+Inf", histogram.count))
+    return buckets
 
 
 def worker_stale_after() -> float:
@@ -66,6 +74,7 @@ class JobCollector(Collector):
         yield from self._outcomes(now)
         yield from self._worker(now)
         yield from self._capacity(now)
+        yield from self._timings(now)
         for collect in EXTRA_COLLECTORS.values():
             yield from collect(now)
 
@@ -196,6 +205,34 @@ class JobCollector(Collector):
             "Claim to completion of provisions that succeeded in the last 24 hours.",
             buckets=buckets,
             sum_value=total_seconds,
+        )
+
+    def _timings(self, now: datetime) -> Iterator[Any]:
+        # From the job history of the last 24 hours (provisioning/ops/timings.py).
+        steps = HistogramMetricFamily(
+            "provisioning_step_duration_seconds",
+            "How long each runner step took, for steps started in the last 24 hours and ended "
+            "(by the next step, complete, fail, timeout, capacity or cancel).",
+            labels=["step"],
+        )
+        for step, histogram in timings.step_durations(now=now).items():
+            steps.add_metric([step], _buckets(histogram), histogram.sum_seconds)
+        yield steps
+        to_running = timings.time_to_running(now=now)
+        yield HistogramMetricFamily(
+            "provisioning_time_to_running_seconds",
+            "From the order (the job's enqueue) to running, for provisions that reached running "
+            "in the last 24 hours (jobs retried by hand left out).",
+            buckets=_buckets(to_running),
+            sum_value=to_running.sum_seconds,
+        )
+        waits = timings.capacity_wait(now=now)
+        yield HistogramMetricFamily(
+            "provisioning_capacity_wait_seconds",
+            "From the order to its first dispatch (waiting for a build slot, or behind the "
+            "customer's earlier order), for first dispatches in the last 24 hours.",
+            buckets=_buckets(waits),
+            sum_value=waits.sum_seconds,
         )
 
     def _capacity(self, now: datetime) -> Iterator[Any]:

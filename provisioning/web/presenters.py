@@ -15,7 +15,7 @@ from datetime import datetime
 from django.conf import settings
 from django.utils import timezone
 
-from provisioning import selectors, services, state
+from provisioning import eta, selectors, services, state
 from provisioning.models import RUNNER_STEPS, Agent, JobStatus, ProvisioningJob, Step, step_message
 
 ENDED = "ended"  # the state of an ended agent, whatever its last job did
@@ -46,7 +46,10 @@ class AgentStatus:
     headline: str
     sentence: str = ""
     progress: int | None = None
-    queue_position: int | None = None  # while the latest job is queued: 1 = next to go
+    queue_position: int | None = None  # while the latest job waits its turn: 1 = next to go
+    estimated_ready_at: datetime | None = None  # while queued: when the agent should be ready
+    retry_at: datetime | None = None  # in a retry's backoff: when it is tried again
+    waiting_for_machine: bool = False  # dispatched: GitHub holds the run until a runner is free
     attempt: int | None = None
     retry_count: int = 0
     max_retries: int = 0
@@ -131,7 +134,30 @@ def _queued_sentence(job: ProvisioningJob) -> str:
             f"{step_message(job.failed_step, failed=True).rstrip('.')}, "
             "so we are trying again automatically."
         )
-    return "Waiting for a build machine."
+    if job.dispatched_at is not None:
+        return WAITING_FOR_MACHINE
+    return "Your order is in the queue: agents are built in the order they were paid for."
+
+
+WAITING_FOR_MACHINE = "Waiting for a build machine."
+
+
+def _queued(facts: AgentStatus, job: ProvisioningJob) -> AgentStatus:
+    """A queued job's status: its place (waiting its turn), its retry time (in a retry's
+    backoff) or waiting for a build machine (dispatched); and when it should be ready."""
+    now = timezone.now()
+    in_backoff = job.next_attempt_at is not None and job.next_attempt_at > now
+    return replace(
+        facts,
+        state=JobStatus.QUEUED,
+        headline="Queued",
+        sentence=_queued_sentence(job),
+        is_queued=True,
+        queue_position=selectors.job_queue_position(job=job, now=now),
+        estimated_ready_at=eta.estimated_ready_at(job=job, now=now),
+        retry_at=job.next_attempt_at if in_backoff else None,
+        waiting_for_machine=job.dispatched_at is not None,
+    )
 
 
 def _failed_follow_up(job: ProvisioningJob) -> str:
@@ -149,9 +175,6 @@ def agent_status(agent: Agent, job: ProvisioningJob | None) -> AgentStatus:
         attempt=job.attempt if job else None,
         retry_count=job.retry_count if job else 0,
         max_retries=job.max_retries if job else 0,
-        queue_position=(
-            selectors.job_queue_position(job=job) if job is not None and job.is_queued else None
-        ),
     )
     if agent.is_ended:
         reason = agent.end_reason.rstrip(".")
@@ -173,13 +196,7 @@ def agent_status(agent: Agent, job: ProvisioningJob | None) -> AgentStatus:
             is_queued=True,
         )
     if job.is_queued:
-        return replace(
-            facts,
-            state=JobStatus.QUEUED,
-            headline="Queued",
-            sentence=_queued_sentence(job),
-            is_queued=True,
-        )
+        return _queued(facts, job)
     if job.is_provisioning:
         return replace(
             facts,

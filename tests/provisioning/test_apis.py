@@ -518,7 +518,11 @@ def test_the_customer_sees_their_agents_newest_first_with_the_latest_job(api, ba
     assert body[0]["ipv4"] is None
     assert body[1]["job"]["status"] == "queued"
     assert body[1]["job"]["queue_position"] == 1
-    assert body[1]["message"] == "Waiting for a build machine."
+    assert body[1]["message"] == (
+        "Your order is in the queue: agents are built in the order they were paid for."
+    )
+    assert body[1]["job"]["estimated_ready_at"] is not None
+    assert body[0]["job"]["estimated_ready_at"] is None
 
 
 def test_a_running_agent_shows_its_address_and_a_failed_one_a_safe_message(api, backend):

@@ -249,3 +249,96 @@ def test_the_lifecycle_metrics_read_only_in_flight_or_queued_rows(client, backen
 
     assert m[("provisioning_overdue_jobs", ())] == 0
     assert m[("provisioning_unreconciled_jobs", ())] == 0
+
+
+# --- timings from the job history ----------------------------------------------------------------
+
+
+def history(job: ProvisioningJob, start, *events: tuple[float, str, str]) -> None:
+    """The job was ordered at `start`; each event (seconds after, action, step) then happened."""
+    from provisioning.models import JobEvent
+    from tests.factories import JobEventFactory
+
+    ProvisioningJob.objects.filter(pk=job.pk).update(created_at=start)
+    for seconds, action, step in events:
+        event = JobEventFactory(job=job, action=action, step=step, attempt=1)
+        JobEvent.objects.filter(pk=event.pk).update(created_at=start + timedelta(seconds=seconds))
+
+
+def test_metrics_histograms_of_step_durations_time_to_running_and_waiting_for_capacity(client):
+    from provisioning.models import JobStatus
+    from tests.factories import JobFactory
+
+    start = timezone.now() - timedelta(hours=1)
+    built = JobFactory(status=JobStatus.RUNNING)
+    history(
+        built,
+        start,
+        (0, "enqueue", ""),
+        (100, "dispatch", ""),  # waited 100 s for a slot
+        (130, "claim", "claim"),  # claim: 10 s
+        (140, "step", "create-server"),  # 60 s
+        (200, "step", "wait-ssh"),  # 60 s
+        (230, "note", ""),  # a remark ends no step
+        (260, "step", "configure"),  # 300 s
+        (560, "step", "health-check"),  # 40 s
+        (600, "complete", "complete"),  # running 600 s after the order
+    )
+    building = JobFactory(status=JobStatus.PROVISIONING)
+    history(
+        building,
+        start,
+        (0, "enqueue", ""),
+        (1000, "dispatch", ""),  # waited 1000 s
+        (1300, "dispatch", ""),  # a re-send: not a wait of its own
+        (1310, "claim", "claim"),  # 5 s
+        (1315, "step", "create-server"),  # still running: left out
+    )
+    old = JobFactory(status=JobStatus.RUNNING)
+    history(
+        old,
+        start - timedelta(days=2),
+        (0, "enqueue", ""),
+        (50, "dispatch", ""),
+        (60, "claim", "claim"),
+        (70, "complete", "complete"),
+    )
+
+    m = samples(client)
+
+    def h(name: str, le: str, **labels: str) -> float:
+        return m[(f"{name}_bucket", tuple(sorted({**labels, "le": le}.items())))]
+
+    step = "provisioning_step_duration_seconds"
+    assert m[(f"{step}_count", (("step", "claim"),))] == 2
+    assert m[(f"{step}_sum", (("step", "claim"),))] == pytest.approx(15)
+    assert h(step, "5.0", step="claim") == 1
+    assert h(step, "10.0", step="claim") == 2
+    assert m[(f"{step}_count", (("step", "create-server"),))] == 1
+    assert m[(f"{step}_sum", (("step", "wait-ssh"),))] == pytest.approx(60)
+    assert h(step, "120.0", step="configure") == 0
+    assert h(step, "300.0", step="configure") == 1
+    assert h(step, "+Inf", step="configure") == 1
+    assert m[(f"{step}_sum", (("step", "health-check"),))] == pytest.approx(40)
+
+    running = "provisioning_time_to_running_seconds"
+    assert m[(f"{running}_count", ())] == 1
+    assert m[(f"{running}_sum", ())] == pytest.approx(600)
+    assert h(running, "300.0") == 0
+    assert h(running, "600.0") == 1
+
+    wait = "provisioning_capacity_wait_seconds"
+    assert m[(f"{wait}_count", ())] == 2
+    assert m[(f"{wait}_sum", ())] == pytest.approx(1100)
+    assert h(wait, "120.0") == 1
+    assert h(wait, "600.0") == 1
+    assert h(wait, "1800.0") == 2
+    assert h(wait, "+Inf") == 2
+
+
+def test_metrics_timings_are_empty_histograms_without_history(client):
+    m = samples(client)
+
+    assert m[("provisioning_time_to_running_seconds_count", ())] == 0
+    assert m[("provisioning_capacity_wait_seconds_bucket", (("le", "+Inf"),))] == 0
+    assert m[("provisioning_step_duration_seconds_count", (("step", "configure"),))] == 0

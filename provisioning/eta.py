@@ -1,0 +1,135 @@
+"""When a queued job's agent should be ready: the estimate the customer's page and API show.
+
+The service runs at most `limits.effective_max_in_flight()` runs at once (C slots). The runs in
+flight hold those slots until their expected finish: a claimed build at its claim plus the
+typical build time for its region, a dispatched run not yet claimed at now plus that time (its
+run is starting), one already overdue now. Slots nobody holds are free now. The queue then takes
+the slots in dispatch order (`selectors.job_list_waiting`): each job ahead takes the slot that
+frees first and holds it for a typical build (a deprovision for DEPROVISION_SECONDS); the job
+starts on the slot that frees after theirs and is ready one build for its region later.
+
+Per-customer FIFO is kept too: a customer's later order starts no earlier than their earlier
+one is ready. A job in a retry's backoff rejoins at its place once the backoff ends; a job whose
+run GitHub holds (dispatched, not claimed) starts as soon as a machine picks the run up.
+
+Nothing here writes; every read is bounded (the runs in flight are at most about C rows, the
+queue ahead is counted, not loaded).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
+from provisioning import limits, selectors
+from provisioning.models import ACTIVE_STATUSES, JobKind, JobStatus, ProvisioningJob
+
+# Deleting an agent's VMs: a runner starts, lists and deletes. Far shorter than a build.
+DEPROVISION_SECONDS = 120.0
+
+
+@dataclass
+class _Queue:
+    """The slots and the figures one estimate reads, each fetched at most once."""
+
+    now: datetime
+    _durations: dict[str | None, float] = field(default_factory=dict)
+    _slots: list[datetime] | None = None
+    _deprovisions_waiting: int | None = None
+
+    def build_seconds(self, region: str | None) -> float:
+        if region not in self._durations:
+            self._durations[region] = limits.typical_build_seconds(region=region, now=self.now)
+        return self._durations[region]
+
+    def duration(self, kind: str, region: str | None) -> timedelta:
+        if kind == JobKind.DEPROVISION:
+            return timedelta(seconds=DEPROVISION_SECONDS)
+        return timedelta(seconds=self.build_seconds(region))
+
+    def in_flight_finish(self, job: ProvisioningJob) -> datetime:
+        """When a run in flight (claimed, or dispatched and not claimed) should be done."""
+        started = job.claimed_at if job.is_provisioning and job.claimed_at else self.now
+        return max(self.now, started + self.duration(job.kind, job.region))
+
+    def slots(self) -> list[datetime]:
+        """When each of the C slots is next free, soonest first."""
+        if self._slots is None:
+            capacity = limits.effective_max_in_flight(now=self.now)
+            in_flight = ProvisioningJob.objects.filter(
+                Q(status=JobStatus.PROVISIONING)
+                | Q(status=JobStatus.QUEUED, dispatched_at__isnull=False)
+            ).only("status", "kind", "region", "claimed_at")
+            finishes = sorted(self.in_flight_finish(job) for job in in_flight)
+            # More runs in flight than slots (the limit went down): a slot frees only once the
+            # count is below C again, so the earliest finishes free none.
+            held = finishes[max(len(finishes) - capacity, 0) :]
+            self._slots = held + [self.now] * (capacity - len(held))
+            heapq.heapify(self._slots)
+        return self._slots
+
+    def deprovisions_waiting(self) -> int:
+        if self._deprovisions_waiting is None:
+            self._deprovisions_waiting = (
+                selectors.job_list_waiting(now=self.now).filter(kind=JobKind.DEPROVISION).count()
+            )
+        return self._deprovisions_waiting
+
+    def start_at(self, ahead: int) -> datetime:
+        """When a job with `ahead` waiting jobs before it gets a slot."""
+        slots = list(self.slots())
+        deprovisions = min(ahead, self.deprovisions_waiting())
+        build = timedelta(seconds=self.build_seconds(None))
+        deprovision = timedelta(seconds=DEPROVISION_SECONDS)
+        for index in range(ahead):
+            free = heapq.heappop(slots)
+            heapq.heappush(slots, free + (deprovision if index < deprovisions else build))
+        return slots[0]
+
+
+def _ahead_in_queue(job: ProvisioningJob, *, now: datetime) -> int:
+    """Waiting jobs dispatch takes before this one (the order of selectors.job_list_waiting)."""
+    return (
+        selectors.job_list_waiting(now=now)
+        .filter(
+            Q(kind__lt=job.kind)
+            | Q(kind=job.kind, created_at__lt=job.created_at)
+            | Q(kind=job.kind, created_at=job.created_at, id__lt=job.pk)
+        )
+        .exclude(pk=job.pk)
+        .count()
+    )
+
+
+def _ready_at(job: ProvisioningJob, queue: _Queue, *, after: datetime | None) -> datetime:
+    """When this active job should be done, given its customer's previous job is done `after`."""
+    now = queue.now
+    if job.is_provisioning or (job.is_queued and job.dispatched_at is not None):
+        return queue.in_flight_finish(job)
+    start = queue.start_at(_ahead_in_queue(job, now=now))
+    if job.next_attempt_at is not None and job.next_attempt_at > start:
+        start = job.next_attempt_at  # in a retry's backoff: not before it ends
+    if after is not None and after > start:
+        start = after
+    return start + queue.duration(job.kind, job.region)
+
+
+def estimated_ready_at(*, job: ProvisioningJob, now: datetime | None = None) -> datetime | None:
+    """When the queued job's agent (or, for a deprovision, its deletion) should be done; None
+    unless the job is queued."""
+    if not job.is_queued:
+        return None
+    queue = _Queue(now=now or timezone.now())
+    # The customer's earlier active jobs go first (per-customer FIFO): at most a handful.
+    earlier = ProvisioningJob.objects.filter(
+        user_id=job.user_id, status__in=ACTIVE_STATUSES, created_at__lt=job.created_at
+    ).order_by("created_at", "id")
+    after: datetime | None = None
+    for previous in earlier:
+        ready = _ready_at(previous, queue, after=after)
+        after = ready if after is None else max(after, ready)
+    return _ready_at(job, queue, after=after)
