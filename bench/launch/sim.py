@@ -29,6 +29,7 @@ import math
 import os
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import threading
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--step-seconds",
         type=float,
-        default=45.0,
+        default=35.0,
         help="simulated seconds of each simulated VM step (wait-ssh, configure, health-check)",
     )
     p.add_argument("--fail-share", type=float, default=0.05, help="first attempts failing once")
@@ -336,6 +337,7 @@ class Sampler(threading.Thread):
         self.max_unfinished = 0
         self.max_running = 0
         self.max_service = 0
+        self.over: dict[int, int] = {}  # capacity -> samples with more runs unfinished at GitHub
         self.running_series: list[tuple[float, int]] = []  # (monotonic, runs in progress)
         self._stop_event = threading.Event()
 
@@ -349,7 +351,10 @@ class Sampler(threading.Thread):
                 self.samples += 1
                 running = self.github.running()
                 self.running_series.append((time.monotonic(), running))
-                self.max_unfinished = max(self.max_unfinished, self.github.unfinished())
+                unfinished = self.github.unfinished()
+                self.max_unfinished = max(self.max_unfinished, unfinished)
+                if unfinished > self.github.slots:
+                    self.over[self.github.slots] = self.over.get(self.github.slots, 0) + 1
                 self.max_running = max(self.max_running, running)
                 if self.samples % 10 == 0:
                     row = conn.execute(self.SERVICE_IN_FLIGHT).fetchone()
@@ -700,7 +705,9 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
         ),
         (
             "build time (median claim→complete)",
-            f"{build * f:.0f} s sim ({build:.2f} s wall, {len(builds)} builds)",
+            f"{build * f:.0f} s sim ({build:.2f} s wall, {len(builds)} builds; mean "
+            f"{statistics.fmean(builds) * f if builds else math.nan:.0f} s, p95 "
+            f"{_p95(builds) * f:.0f} s)",
             "",
         ),
         (
@@ -725,6 +732,7 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
         (
             "most runs in flight: GitHub's view (dispatched, not completed) / the service's count",
             f"{max_in_flight} / {o.sampler.max_service} (in progress at once: {gh.max_running}; "
+            f"GitHub's view over C in {o.sampler.over.get(a.capacity, 0)} of "
             f"{o.sampler.samples} samples)",
             f"≤ {a.capacity}",
         ),
