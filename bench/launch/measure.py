@@ -135,6 +135,21 @@ def busiest_window(times: Sequence[float], window: float) -> int:
     return best
 
 
+def arrival_floor(paid: Sequence[tuple[int, float]], capacity: int, build: float) -> float:
+    """The earliest moment every order could be running, given when each was paid (epoch
+    seconds): the orders paid from the k-th on need ceil((N - k + 1) / C) builds after it, and
+    one customer's orders are built one after another."""
+    times = sorted(t for _, t in paid)
+    n = len(times)
+    bound = max(
+        (t + math.ceil((n - k) / capacity) * build for k, t in enumerate(times)), default=0.0
+    )
+    chains: dict[int, float] = {}
+    for customer, t in sorted(paid, key=lambda p: p[1]):
+        chains[customer] = max(chains.get(customer, 0.0), t) + build
+    return max(bound, max(chains.values(), default=0.0))
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
