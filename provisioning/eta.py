@@ -1,12 +1,15 @@
 """When a queued job's agent should be ready: the estimate the customer's page and API show.
 
-The service runs at most `limits.effective_max_in_flight()` runs at once (C slots). The runs in
-flight hold those slots until their expected finish: a claimed build at its claim plus the
-typical build time for its region, a dispatched run not yet claimed at now plus that time (its
-run is starting), one already overdue now. Slots nobody holds are free now. The queue then takes
-the slots in dispatch order (`selectors.job_list_waiting`): each job ahead takes the slot that
-frees first and holds it for a typical build (a deprovision for DEPROVISION_SECONDS); the job
-starts on the slot that frees after theirs and is ready one build for its region later.
+The service runs at most `limits.effective_max_in_flight()` runs at once (C slots). A run holds
+its slot from its dispatch: first while a build machine starts it and it claims the job (the
+typical start, the median dispatch-to-claim of recent claims), then for the build (the typical
+claim-to-complete for its region). The runs in flight hold their slots until their expected
+finish: a claimed build at its claim plus the build time, a dispatched run not yet claimed at
+its dispatch plus the start and the build, one already overdue now. Slots nobody holds are free
+now. The queue then takes the slots in dispatch order (`selectors.job_list_waiting`): each job
+ahead takes the slot that frees first and holds it for a start and a typical build (a
+deprovision for DEPROVISION_SECONDS); the job gets the slot that frees after theirs and is ready
+a start and a build for its region later.
 
 Per-customer FIFO is kept too: a customer's later order starts no earlier than their earlier
 one is ready. A job in a retry's backoff rejoins at its place once the backoff ends; a job whose
@@ -19,17 +22,42 @@ queue ahead is counted, not loaded).
 from __future__ import annotations
 
 import heapq
+import statistics
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from django.db.models import Q
+from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from provisioning import limits, selectors
-from provisioning.models import ACTIVE_STATUSES, JobKind, JobStatus, ProvisioningJob
+from provisioning.models import ACTIVE_STATUSES, JobEvent, JobKind, JobStatus, ProvisioningJob
 
 # Deleting an agent's VMs: a runner starts, lists and deletes. Far shorter than a build.
 DEPROVISION_SECONDS = 120.0
+
+
+def typical_start_seconds(*, now: datetime) -> float:
+    """Median dispatch-to-claim (a build machine picks the run up, sets up, claims) of the last
+    SAMPLE_SIZE claims; 0 until MIN_SAMPLES claims followed a dispatch."""
+    sent = (
+        JobEvent.objects.filter(
+            job_id=OuterRef("job_id"),
+            attempt=OuterRef("attempt"),
+            action=JobEvent.Action.DISPATCH,
+            created_at__lte=OuterRef("created_at"),
+        )
+        .order_by("-created_at", "-id")
+        .values("created_at")[:1]
+    )
+    latency = ExpressionWrapper(F("created_at") - Subquery(sent), output_field=DurationField())
+    rows = (
+        JobEvent.objects.filter(action=JobEvent.Action.CLAIM, created_at__lte=now)
+        .order_by("-created_at", "-id")
+        .annotate(latency=latency)
+        .values_list("latency", flat=True)[: limits.SAMPLE_SIZE]
+    )
+    values = [max(value.total_seconds(), 0.0) for value in rows if isinstance(value, timedelta)]
+    return statistics.median(values) if len(values) >= limits.MIN_SAMPLES else 0.0
 
 
 @dataclass
@@ -38,6 +66,7 @@ class _Queue:
 
     now: datetime
     _durations: dict[str | None, float] = field(default_factory=dict)
+    _start: timedelta | None = None
     _slots: list[datetime] | None = None
     _deprovisions_waiting: int | None = None
 
@@ -46,15 +75,25 @@ class _Queue:
             self._durations[region] = limits.typical_build_seconds(region=region, now=self.now)
         return self._durations[region]
 
+    def start(self) -> timedelta:
+        """From a dispatch to its claim, typically."""
+        if self._start is None:
+            self._start = timedelta(seconds=typical_start_seconds(now=self.now))
+        return self._start
+
     def duration(self, kind: str, region: str | None) -> timedelta:
+        """From a claim to done, typically."""
         if kind == JobKind.DEPROVISION:
             return timedelta(seconds=DEPROVISION_SECONDS)
         return timedelta(seconds=self.build_seconds(region))
 
     def in_flight_finish(self, job: ProvisioningJob) -> datetime:
         """When a run in flight (claimed, or dispatched and not claimed) should be done."""
-        started = job.claimed_at if job.is_provisioning and job.claimed_at else self.now
-        return max(self.now, started + self.duration(job.kind, job.region))
+        if job.is_provisioning and job.claimed_at is not None:
+            claimed = job.claimed_at
+        else:
+            claimed = max(self.now, (job.dispatched_at or self.now) + self.start())
+        return max(self.now, claimed + self.duration(job.kind, job.region))
 
     def slots(self) -> list[datetime]:
         """When each of the C slots is next free, soonest first."""
@@ -63,7 +102,7 @@ class _Queue:
             in_flight = ProvisioningJob.objects.filter(
                 Q(status=JobStatus.PROVISIONING)
                 | Q(status=JobStatus.QUEUED, dispatched_at__isnull=False)
-            ).only("status", "kind", "region", "claimed_at")
+            ).only("status", "kind", "region", "claimed_at", "dispatched_at")
             finishes = sorted(self.in_flight_finish(job) for job in in_flight)
             # More runs in flight than slots (the limit went down): a slot frees only once the
             # count is below C again, so the earliest finishes free none.
@@ -83,8 +122,8 @@ class _Queue:
         """When a job with `ahead` waiting jobs before it gets a slot."""
         slots = list(self.slots())
         deprovisions = min(ahead, self.deprovisions_waiting())
-        build = timedelta(seconds=self.build_seconds(None))
-        deprovision = timedelta(seconds=DEPROVISION_SECONDS)
+        build = self.start() + timedelta(seconds=self.build_seconds(None))
+        deprovision = self.start() + timedelta(seconds=DEPROVISION_SECONDS)
         for index in range(ahead):
             free = heapq.heappop(slots)
             heapq.heappush(slots, free + (deprovision if index < deprovisions else build))
@@ -115,7 +154,7 @@ def _ready_at(job: ProvisioningJob, queue: _Queue, *, after: datetime | None) ->
         start = job.next_attempt_at  # in a retry's backoff: not before it ends
     if after is not None and after > start:
         start = after
-    return start + queue.duration(job.kind, job.region)
+    return start + queue.start() + queue.duration(job.kind, job.region)
 
 
 def estimated_ready_at(*, job: ProvisioningJob, now: datetime | None = None) -> datetime | None:

@@ -14,6 +14,8 @@ from django.utils import timezone
 from provisioning.models import (
     Actor,
     Agent,
+    ApiBudget,
+    ApiCallCount,
     CapacityHold,
     JobEvent,
     JobKind,
@@ -150,6 +152,34 @@ def job_count_in_flight(*, now: datetime) -> int:
         cleanup_dispatched_at__gt=cleanup_window,
     ).count()
     return dispatched + building + cleaning
+
+
+def job_list_held_by_runner() -> QuerySet[ProvisioningJob]:
+    """Dispatched jobs whose run the backend still holds unclaimed ("waiting for a build
+    machine"): the dispatcher's last word on this attempt is its NOTE that the run was found
+    queued, waiting, pending, requested or in progress and not re-sent (a later re-send would be
+    a DISPATCH event). Over the dispatched rows only (index job_dispatched_unclaimed)."""
+    last_word = (
+        JobEvent.objects.filter(job_id=OuterRef("pk"), attempt=OuterRef("attempt"), step="dispatch")
+        .filter(Q(action=JobEvent.Action.DISPATCH) | Q(action=JobEvent.Action.NOTE))
+        .order_by("-id")
+        .values("action")[:1]
+    )
+    return (
+        ProvisioningJob.objects.filter(status=JobStatus.QUEUED, dispatched_at__isnull=False)
+        .alias(last_word=Subquery(last_word))
+        .filter(last_word=JobEvent.Action.NOTE)
+    )
+
+
+def api_budget_get(*, name: str) -> ApiBudget | None:
+    """The shared API budget's row (None before its first draw)."""
+    return ApiBudget.objects.filter(name=name).first()
+
+
+def api_call_counts(*, name: str) -> QuerySet[ApiCallCount]:
+    """Requests made and refused per purpose, since the service started counting."""
+    return ApiCallCount.objects.filter(budget=name).order_by("purpose")
 
 
 def capacity_hold_in_force(*, now: datetime) -> CapacityHold | None:

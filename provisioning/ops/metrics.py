@@ -16,12 +16,17 @@ from django.conf import settings
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Min, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
-from provisioning import selectors
+from provisioning import limits, selectors
 from provisioning.models import ACTIVE_STATUSES, JobKind, JobStatus, ProvisioningJob, WorkerBeat
 from provisioning.ops import timings
+from provisioning.services.budget import GITHUB, api_budget_wait, budget_shape
 
 # Provisioning takes minutes; buckets from 30 s to 2 h (seconds).
 DURATION_BUCKETS = (30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200)
@@ -74,6 +79,7 @@ class JobCollector(Collector):
         yield from self._outcomes(now)
         yield from self._worker(now)
         yield from self._capacity(now)
+        yield from self._launch(now)
         yield from self._timings(now)
         for collect in EXTRA_COLLECTORS.values():
             yield from collect(now)
@@ -262,3 +268,68 @@ class JobCollector(Collector):
         yield GaugeMetricFamily(
             "provisioning_workers_alive", "Workers that ticked recently.", value=alive
         )
+
+    def _launch(self, now: datetime) -> Iterator[Any]:
+        """Runs in flight against the limit, jobs waiting for capacity, runs GitHub holds, and
+        the shared GitHub API budget (services/budget.py)."""
+        yield GaugeMetricFamily(
+            "provisioning_runs_in_flight",
+            "Runs dispatched and not finished (provision, deprovision, cleanup), all workers.",
+            value=selectors.job_count_in_flight(now=now),
+        )
+        yield GaugeMetricFamily(
+            "provisioning_max_in_flight",
+            "The in-flight limit in force: PROVISIONING_MAX_IN_FLIGHT or the Hetzner bound.",
+            value=limits.effective_max_in_flight(now=now),
+        )
+        yield GaugeMetricFamily(
+            "provisioning_jobs_waiting_for_capacity",
+            "Queued jobs not dispatched yet and out of backoff: waiting for a free slot.",
+            value=selectors.job_list_waiting(now=now).count(),
+        )
+        yield GaugeMetricFamily(
+            "provisioning_runs_waiting_for_machine",
+            "Dispatched runs GitHub (or the local backend) still holds unclaimed: waiting for "
+            "a build machine, not re-sent.",
+            value=selectors.job_list_held_by_runner().count(),
+        )
+        row = selectors.api_budget_get(name=GITHUB)
+        shape = budget_shape(GITHUB)
+        remaining = shape.capacity
+        if row is not None:
+            elapsed = max((now - row.refilled_at).total_seconds(), 0.0)
+            remaining = min(shape.capacity, row.tokens + elapsed * shape.per_second)
+        yield GaugeMetricFamily(
+            "provisioning_github_api_budget_remaining",
+            "GitHub requests that may be made right now from the shared budget.",
+            value=math.floor(remaining),
+        )
+        blocked = 0.0
+        if row is not None and row.blocked_until is not None:
+            blocked = max((row.blocked_until - now).total_seconds(), 0.0)
+        yield GaugeMetricFamily(
+            "provisioning_github_api_blocked_seconds",
+            "Seconds every process still waits because GitHub answered with a rate limit.",
+            value=blocked,
+        )
+        yield GaugeMetricFamily(
+            "provisioning_github_api_wait_seconds",
+            "Seconds until the next GitHub request may be made (0: now).",
+            value=api_budget_wait(now=now),
+        )
+        calls = CounterMetricFamily(
+            "provisioning_github_api_calls",
+            "GitHub requests made, by purpose (token, dispatch, get_run, cancel, list_runs, "
+            "find_run).",
+            labels=["purpose"],
+        )
+        refused = CounterMetricFamily(
+            "provisioning_github_api_calls_refused",
+            "GitHub requests not made because the shared budget was spent, by purpose.",
+            labels=["purpose"],
+        )
+        for count in selectors.api_call_counts(name=GITHUB):
+            calls.add_metric([count.purpose], count.calls)
+            refused.add_metric([count.purpose], count.refused)
+        yield calls
+        yield refused

@@ -642,3 +642,39 @@ def test_the_api_says_what_the_dashboard_says(api, backend):
     for agent in agents:
         block = api.get(f"/agents/{agent['id']}/status/").content.decode()
         assert f'<p class="status__sentence">{escape(agent["message"])}</p>' in block, agent
+
+
+# --- the run's Hetzner call count (limits.py) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-1, "12", 1.5, True, None])
+def test_a_bad_hetzner_call_count_is_400_and_changes_nothing(
+    api, oidc_issuer, provisioning_job, bad
+):
+    job, run_id = provisioning_job
+    before = snapshot(job)
+
+    body = {"server_id": "1", "ipv4": "203.0.113.9", "hetzner_calls": bad}
+    response = call(api, job.pk, "complete", body, oidc_issuer.mint(run_id=run_id))
+
+    assert response.status_code == 400, response.json()
+    assert "hetzner_calls" in str(response.json())
+    assert snapshot(job) == before
+
+
+@pytest.mark.parametrize("verb", ["complete", "fail"])
+def test_the_runs_hetzner_call_count_is_stored(api, oidc_issuer, provisioning_job, verb):
+    job, run_id = provisioning_job
+    body: dict[str, Any] = (
+        {"server_id": "1", "ipv4": "203.0.113.9"}
+        if verb == "complete"
+        else {"error": "boom", "failed_step": "configure"}
+    )
+
+    response = call(
+        api, job.pk, verb, {**body, "hetzner_calls": 9}, oidc_issuer.mint(run_id=run_id)
+    )
+
+    assert response.status_code == 200, response.json()
+    job.refresh_from_db()
+    assert job.hetzner_calls == 9

@@ -53,7 +53,19 @@ def test_an_unclaimed_run_that_may_still_claim_is_not_dispatched_again(
     assert claimed.status == "provisioning"
 
 
-@pytest.mark.parametrize("conclusion", ["success", "failure", "cancelled", "timed_out"])
+@pytest.mark.parametrize(
+    "conclusion",
+    [
+        "success",
+        "failure",
+        "cancelled",
+        "timed_out",
+        "skipped",
+        "neutral",
+        "stale",
+        "action_required",
+    ],
+)
 def test_an_unclaimed_run_that_finished_is_replaced(fake_github, settings, conclusion):
     job = enqueue(AgentFactory())
     services.job_dispatch_next()

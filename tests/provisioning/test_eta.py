@@ -143,3 +143,38 @@ def test_only_a_queued_job_has_an_estimate():
 
     assert eta.estimated_ready_at(job=building(claimed=now), now=now) is None
     assert eta.estimated_ready_at(job=JobFactory(status=JobStatus.RUNNING), now=now) is None
+
+
+def claims_after_dispatch(*, seconds: float, count: int = 5) -> None:
+    """`count` recent runs that claimed their job `seconds` after its dispatch."""
+    from provisioning.models import JobEvent
+    from tests.factories import JobEventFactory
+
+    sent = timezone.now() - timedelta(hours=1)
+    for _ in range(count):
+        job = JobFactory(status=JobStatus.RUNNING)
+        for action, at in (("dispatch", sent), ("claim", sent + timedelta(seconds=seconds))):
+            event = JobEventFactory(job=job, action=action, attempt=1)
+            JobEvent.objects.filter(pk=event.pk).update(created_at=at)
+
+
+@override_settings(PROVISIONING_MAX_IN_FLIGHT=1)
+def test_a_run_holds_its_slot_from_dispatch_through_the_typical_start_and_build():
+    claims_after_dispatch(seconds=30)
+    start = timedelta(seconds=30)
+    now = timezone.now()
+    dispatched = queued(ago=30, dispatched_at=now - timedelta(seconds=10))
+    behind = queued(ago=10)
+
+    assert eta.typical_start_seconds(now=now) == 30.0
+    # dispatched 10 s ago: claims in 20 s, then builds
+    assert eta.estimated_ready_at(job=dispatched, now=now) == now + timedelta(seconds=20) + BUILD
+    assert eta.estimated_ready_at(job=behind, now=now) == now + timedelta(seconds=20) + BUILD + (
+        start + BUILD
+    )
+
+
+def test_the_typical_start_needs_a_few_claims_first():
+    claims_after_dispatch(seconds=30, count=4)
+
+    assert eta.typical_start_seconds(now=timezone.now()) == 0.0

@@ -218,3 +218,44 @@ def test_a_finished_run_leaves_no_zombie_or_pid_file(local, stub, settings):
 def test_an_unknown_mode_is_a_programming_error(local, stub):
     with pytest.raises(ValueError, match="mode"):
         local.dispatch(job_id=uuid.uuid4(), attempt=1, mode="reboot")
+
+
+@pytest.mark.django_db
+def test_the_dispatcher_waits_for_a_live_local_run_and_re_sends_it_once_it_is_gone(
+    local, stub, settings
+):
+    """The local backend's answer to "is the unclaimed run still there?": a live process is a
+    run waiting for its build machine (kept, a NOTE says so); an exited one is re-sent."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from provisioning import selectors, services
+    from provisioning.models import JobEvent
+    from tests.factories import AgentFactory
+    from tests.provisioning.helpers import enqueue
+
+    behave(settings, "sleep")
+    job = enqueue(AgentFactory())
+    services.job_dispatch_next(backend=local)
+    job.refresh_from_db()
+    first = job.workflow_run_id
+    wait_for_file(stub)
+    window = timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS + 1)
+    later = timezone.now() + window
+
+    services.job_dispatch_next(backend=local, now=later)
+
+    job.refresh_from_db()
+    assert job.workflow_run_id == first and job.dispatched_at == later
+    note = JobEvent.objects.get(job=job, action=JobEvent.Action.NOTE)
+    assert note.reason.startswith("Waiting for a build machine") and "in_progress" in note.reason
+    assert list(selectors.job_list_held_by_runner()) == [job]
+
+    local.cancel_run(run_id=first)
+    local.wait(run_id=first, timeout=10)
+    services.job_dispatch_next(backend=local, now=later + window)
+
+    job.refresh_from_db()
+    assert job.workflow_run_id not in (None, first)
+    assert list(selectors.job_list_held_by_runner()) == []

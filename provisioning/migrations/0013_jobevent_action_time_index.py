@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('provisioning', '0013_job_in_flight_indexes'),
+        ('provisioning', '0012_launch_limits_budget_and_waiting_indexes'),
     ]
 
     operations = [
