@@ -23,9 +23,6 @@ from provisioning.models import (
     ProvisioningJob,
 )
 
-# A cleanup run counts as in flight this long after it was sent (nothing reports its end).
-CLEANUP_IN_FLIGHT_SECONDS = 600
-
 
 def job_get(*, job_id: UUID | str) -> ProvisioningJob | None:
     return ProvisioningJob.objects.filter(pk=job_id).first()
@@ -116,6 +113,11 @@ def job_list_resend_due(*, now: datetime, builds_held: bool = False) -> QuerySet
     return due.order_by("dispatched_at", "id")
 
 
+def _cleanup_window(now: datetime) -> datetime:
+    """Cleanup runs sent after this still count as in flight."""
+    return now - timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
+
+
 def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
     """Jobs whose run is in flight: dispatched and not finished. What PROVISIONING_MAX_IN_FLIGHT
     counts (provisioning/limits.py), each over a partial index:
@@ -123,11 +125,11 @@ def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
     - dispatched, not claimed yet (queued with `dispatched_at`): the run is starting or waits in
       GitHub's queue for a runner (a run GitHub still holds is never re-sent, so it stays here);
     - provisioning: claimed, its run is building (or deleting, for a deprovision);
-    - a cleanup run (failed provision, `mode: cleanup`): from when it is sent for
-      CLEANUP_IN_FLIGHT_SECONDS (nothing reports a cleanup run's end; the bound is generous for
-      a run that only deletes VMs).
+    - a cleanup run (failed provision, `mode: cleanup`): for DISPATCH_CLAIM_TIMEOUT_SECONDS after
+      it was sent (nothing reports a cleanup run's end; the time any run is given to start is
+      ample for one that then only deletes VMs).
     """
-    cleanup_window = now - timedelta(seconds=CLEANUP_IN_FLIGHT_SECONDS)
+    cleanup_window = _cleanup_window(now)
     return ProvisioningJob.objects.filter(
         Q(status=JobStatus.QUEUED, dispatched_at__isnull=False)
         | Q(status=JobStatus.PROVISIONING)
@@ -141,7 +143,7 @@ def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
 
 def job_count_in_flight(*, now: datetime) -> int:
     """How many runs are in flight (job_list_in_flight): three index-served counts."""
-    cleanup_window = now - timedelta(seconds=CLEANUP_IN_FLIGHT_SECONDS)
+    cleanup_window = _cleanup_window(now)
     dispatched = ProvisioningJob.objects.filter(
         status=JobStatus.QUEUED, dispatched_at__isnull=False
     ).count()

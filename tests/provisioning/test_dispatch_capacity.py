@@ -187,3 +187,20 @@ def test_four_worker_processes_never_exceed_the_in_flight_limit():
     assert _dispatch_in_processes(4, limit=limit, rounds=6) == 5
     assert selectors.job_count_in_flight(now=timezone.now()) == limit
     assert JobEvent.objects.filter(action=JobEvent.Action.DISPATCH).count() == limit + 5
+
+
+@pytest.mark.django_db
+def test_a_cleanup_run_stops_counting_after_the_claim_window(capacity, backend, settings):
+    JobFactory(
+        status=JobStatus.FAILED,
+        kind=JobKind.PROVISION,
+        claimed_at=timezone.now(),
+        completed_at=timezone.now(),
+    )
+    services.job_send_cleanup(backend=backend)
+    now = timezone.now()
+    later = now + timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS + 1)
+
+    assert selectors.job_count_in_flight(now=now) == 1
+    assert selectors.job_count_in_flight(now=later) == 0
+    assert list(selectors.job_list_in_flight(now=later)) == []
