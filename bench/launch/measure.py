@@ -28,6 +28,7 @@ class JobTimes:
     dispatched: list[float] = field(default_factory=list)
     claims: list[tuple[int, float]] = field(default_factory=list)  # (attempt, at)
     completes: list[tuple[int, float]] = field(default_factory=list)
+    fails: list[tuple[int, float]] = field(default_factory=list)
     running: float | None = None
 
     @property
@@ -60,7 +61,7 @@ def load_jobs(url: str, user_ids: Sequence[int]) -> list[JobTimes]:
         events = conn.execute(
             "SELECT job_id, action, to_status, attempt, extract(epoch from created_at) AS at "
             "FROM provisioning_jobevent WHERE job_id = ANY(%s) "
-            "AND action IN ('dispatch', 'claim', 'complete') ORDER BY created_at, id",
+            "AND action IN ('dispatch', 'claim', 'complete', 'fail') ORDER BY created_at, id",
             ([r["id"] for r in rows],),
         ).fetchall()
     for e in events:
@@ -70,6 +71,8 @@ def load_jobs(url: str, user_ids: Sequence[int]) -> list[JobTimes]:
             job.dispatched.append(at)
         elif e["action"] == "claim":
             job.claims.append((int(e["attempt"]), at))
+        elif e["action"] == "fail":
+            job.fails.append((int(e["attempt"]), at))
         else:
             job.completes.append((int(e["attempt"]), at))
             if e["to_status"] == "running" and job.running is None:
@@ -85,6 +88,18 @@ def build_seconds(jobs: Iterable[JobTimes]) -> list[float]:
         for attempt, done in job.completes:
             if attempt in claims:
                 out.append(done - claims[attempt])
+    return out
+
+
+def attempt_seconds(jobs: Iterable[JobTimes]) -> list[float]:
+    """claim -> complete or fail of every attempt that ended (wall seconds)."""
+    out = []
+    for job in jobs:
+        ends = dict(job.completes)
+        ends.update(job.fails)
+        for attempt, claimed in job.claims:
+            if attempt in ends:
+                out.append(ends[attempt] - claimed)
     return out
 
 

@@ -7,6 +7,7 @@ import math
 from bench.launch.measure import (
     JobTimes,
     arrival_floor,
+    attempt_seconds,
     build_seconds,
     busiest_window,
     eta_errors,
@@ -52,6 +53,12 @@ def test_a_later_order_running_before_the_earlier_one_was_dispatched_is_an_inver
 def test_build_seconds_pair_each_complete_with_its_own_attempts_claim():
     job = _job("a", 1, 0, [0, 5], 20, claims=[(1, 1.0), (2, 6.0)], completes=[(2, 20.0)])
     assert build_seconds([job]) == [14.0]
+
+
+def test_attempt_seconds_count_failed_attempts_too():
+    job = _job("a", 1, 0, [0, 5], 20, claims=[(1, 1.0), (2, 6.0)], completes=[(2, 20.0)])
+    job.fails = [(1, 3.5)]
+    assert sorted(attempt_seconds([job])) == [2.5, 14.0]
 
 
 def test_eta_error_is_relative_to_the_wait_from_payment():
