@@ -5,7 +5,8 @@ its slot from its dispatch: first while a build machine starts it and it claims 
 typical start, the median dispatch-to-claim of recent claims), then for the build (the typical
 claim-to-complete for its region). The runs in flight hold their slots until their expected
 finish: a claimed build at its claim plus the build time, a dispatched run not yet claimed at
-its dispatch plus the start and the build, one already overdue now. Slots nobody holds are free
+its dispatch plus the start and the build, one already overdue now; a cleanup run for as long as
+the dispatcher counts it (`selectors.job_list_in_flight`). Slots nobody holds are free
 now. The queue then takes the slots in dispatch order (`selectors.job_list_waiting`): each job
 ahead takes the slot that frees first and holds it for a start and a typical build (a
 deprovision for DEPROVISION_SECONDS); the job gets the slot that frees after theirs and is ready
@@ -26,11 +27,12 @@ import statistics
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from provisioning import limits, selectors
-from provisioning.models import ACTIVE_STATUSES, JobEvent, JobKind, JobStatus, ProvisioningJob
+from provisioning.models import ACTIVE_STATUSES, JobEvent, JobKind, ProvisioningJob
 
 # Deleting an agent's VMs: a runner starts, lists and deletes. Far shorter than a build.
 DEPROVISION_SECONDS = 120.0
@@ -88,7 +90,11 @@ class _Queue:
         return timedelta(seconds=self.build_seconds(region))
 
     def in_flight_finish(self, job: ProvisioningJob) -> datetime:
-        """When a run in flight (claimed, or dispatched and not claimed) should be done."""
+        """When a run in flight (claimed, dispatched and not claimed, or a cleanup run) should be
+        done, or stop counting as in flight."""
+        if job.is_failed and job.cleanup_dispatched_at is not None:
+            timeout = timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
+            return max(self.now, job.cleanup_dispatched_at + timeout)
         if job.is_provisioning and job.claimed_at is not None:
             claimed = job.claimed_at
         else:
@@ -99,10 +105,9 @@ class _Queue:
         """When each of the C slots is next free, soonest first."""
         if self._slots is None:
             capacity = limits.effective_max_in_flight(now=self.now)
-            in_flight = ProvisioningJob.objects.filter(
-                Q(status=JobStatus.PROVISIONING)
-                | Q(status=JobStatus.QUEUED, dispatched_at__isnull=False)
-            ).only("status", "kind", "region", "claimed_at", "dispatched_at")
+            in_flight = selectors.job_list_in_flight(now=self.now).only(
+                "status", "kind", "region", "claimed_at", "dispatched_at", "cleanup_dispatched_at"
+            )
             finishes = sorted(self.in_flight_finish(job) for job in in_flight)
             # More runs in flight than slots (the limit went down): a slot frees only once the
             # count is below C again, so the earliest finishes free none.

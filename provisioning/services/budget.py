@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
@@ -128,7 +128,3 @@ def api_budget_wait(*, name: str = GITHUB, now: datetime | None = None) -> float
     shape = budget_shape(name)
     tokens = _refilled(row, shape, now)
     return 0.0 if tokens >= 1.0 else (1.0 - tokens) / shape.per_second
-
-
-def until(seconds: float, *, now: datetime | None = None) -> datetime:
-    return (now or timezone.now()) + timedelta(seconds=seconds)

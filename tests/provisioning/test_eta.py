@@ -178,3 +178,12 @@ def test_the_typical_start_needs_a_few_claims_first():
     claims_after_dispatch(seconds=30, count=4)
 
     assert eta.typical_start_seconds(now=timezone.now()) == 0.0
+
+
+@override_settings(PROVISIONING_MAX_IN_FLIGHT=1, DISPATCH_CLAIM_TIMEOUT_SECONDS=600)
+def test_a_cleanup_run_holds_its_slot_as_long_as_the_dispatcher_counts_it():
+    now = timezone.now()
+    JobFactory(status=JobStatus.FAILED, cleanup_dispatched_at=now - timedelta(seconds=100))
+    job = queued(ago=5)
+
+    assert eta.estimated_ready_at(job=job, now=now) == now + timedelta(seconds=500) + BUILD
