@@ -16,9 +16,14 @@ Workload: N paid orders (signed `checkout.session.completed` webhooks to the rea
 from M customers, some with 2-5 orders, sent as fast as the server takes them; each customer's
 orders in the order they paid. Right after each payment the customer reads
 GET /api/v1/agents/<id>/ (a session cookie) and the simulation keeps `estimated_ready_at`.
-A share of first attempts fails once at a random step; the service retries them.
+A share of first attempts fails once at a random step; the service retries them. Before the
+launch, a few earlier orders are built (--warmup) so the service has recent builds to estimate
+from, as on any day but its first.
 
-Output: one table, then the machine-readable last line (`launch: key=value ...`).
+Output: one table, then the machine-readable last line (`launch: key=value ...`). The exit
+status is 1 when a correctness goal is missed (not drained within --max-wall, a job not running,
+a run re-sent while GitHub held it, an inversion, the service over C runs in flight, a budget
+exceeded in the busiest hour); the speed goals (drain ratio, ETA error) are printed only.
 """
 
 from __future__ import annotations
