@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCAL_ENV := DJANGO_DEBUG=1 DJANGO_SECRET_KEY=local-dev-only-not-secret-0123456789abcdefghijklmnop
 TEST_ENV := DJANGO_SECRET_KEY=test-only-not-secret-0123456789abcdefghijklmnopqrstuvwxyz
 
-.PHONY: install run test lint fmt migrate bench reliability clean
+.PHONY: install run test lint fmt migrate bench reliability launch clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ reliability: install
 	$(PY) -m pip install -q $(BENCH_DEPS)
 	DATABASE_URL="$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/agent_provisioning_reliability}" \
 	  $(TEST_ENV) $(PY) -m pytest -p no:randomly -p no:cacheprovider --timeout 900 --durations=0 bench/reliability $(PYTEST_ARGS)
+
+## make launch: launch day simulated (1,000 orders, 20 runner slots, GitHub and Hetzner budgets) against
+## the real server and workers on PostgreSQL; prints one table. Its own database, dropped and recreated:
+## LAUNCH_DATABASE_URL (default below). LAUNCH_ARGS: e.g. --factor 60 --orders 1000 --record
+launch: install
+	LAUNCH_DATABASE_URL="$${LAUNCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/agent_provisioning_launch}" \
+	  $(TEST_ENV) $(PY) -m bench.launch $(LAUNCH_ARGS)
 
 clean:
 	rm -rf var/db.sqlite3* var/runner-logs

@@ -1,0 +1,1 @@
+"""Launch day, simulated (`make launch`): see bench/launch/sim.py."""

@@ -1,0 +1,3 @@
+from bench.launch.sim import main
+
+raise SystemExit(main())
