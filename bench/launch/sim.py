@@ -507,6 +507,9 @@ def simulate(args: argparse.Namespace) -> Outcome:
             "GITHUB_APP_INSTALLATION_ID": INSTALLATION_ID,
             "GITHUB_APP_PRIVATE_KEY": str(key_path),
             "PROVISIONING_MAX_IN_FLIGHT": str(args.capacity),
+            # The real budgets (the reliability stack raises them for its own cases).
+            "GITHUB_API_BUDGET_PER_HOUR": "4000",
+            "HETZNER_API_BUDGET_PER_HOUR": str(HETZNER_LIMIT_PER_HOUR),
         },
     )
     player.api_url = stack.base_url
