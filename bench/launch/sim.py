@@ -563,7 +563,7 @@ def simulate(args: argparse.Namespace) -> Outcome:
     real_stderr = sys.stderr
     stack.start()
     print(
-        f"launch: N={args.orders} orders from M={args.customers} customers, C={args.capacity}, "
+        f"launch day simulated: N={args.orders} orders from M={args.customers} customers, C={args.capacity}, "
         f"F={factor:g} (1 simulated hour = {3600 / factor:.0f} s wall); logs in {workdir}",
         flush=True,
     )
