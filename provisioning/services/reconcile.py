@@ -86,18 +86,8 @@ def job_reconcile_runs(
                 break
             continue
         errors = 0
-        if status is None:
-            _release(job_id, now=now, previous_check=previous_check)
-            continue
-        if status.is_finished and _fail_finished_run(
-            job_id=job_id,
-            run_id=run_id,
-            run_attempt=run_attempt,
-            attempt=attempt,
-            status=status,
-            seen_by=seen_by,
-        ):
-            failed += 1
+        row = (job_id, run_id, run_attempt, attempt, previous_check)
+        failed += _settle(row, status, now=now, seen_by=seen_by)
     return failed
 
 
@@ -130,18 +120,35 @@ def _reconcile_by_listing(backend: RunnerBackend, *, lister: RunLister, now: dat
             for rest in leased[index:]:
                 _release(rest[0], now=now, previous_check=rest[4])
             break
-        if status is None:
-            _release(job_id, now=now, previous_check=previous_check)
-        elif status.is_finished and _fail_finished_run(
-            job_id=job_id,
-            run_id=run_id,
-            run_attempt=run_attempt,
-            attempt=attempt,
-            status=status,
-            seen_by=seen_by,
-        ):
-            failed += 1
+        row = (job_id, run_id, run_attempt, attempt, previous_check)
+        failed += _settle(row, status, now=now, seen_by=seen_by)
     return failed
+
+
+def _settle(
+    row: tuple[UUID, str, int | None, int, datetime | None],
+    status: RunStatus | None,
+    *,
+    now: datetime,
+    seen_by: str,
+) -> int:
+    """What the backend said about a leased job's run: unknown → the lease is given back (the job
+    counts as unreconciled); finished → the fenced fail path (1 if it failed the job); still
+    going → the lease stands as this check."""
+    job_id, run_id, run_attempt, attempt, previous_check = row
+    if status is None:
+        _release(job_id, now=now, previous_check=previous_check)
+        return 0
+    if status.is_finished and _fail_finished_run(
+        job_id=job_id,
+        run_id=run_id,
+        run_attempt=run_attempt,
+        attempt=attempt,
+        status=status,
+        seen_by=seen_by,
+    ):
+        return 1
+    return 0
 
 
 def _lease_due(*, now: datetime) -> list[tuple[UUID, str, int | None, int, datetime | None]]:
