@@ -295,6 +295,11 @@ PROVISIONING_MAX_IN_FLIGHT = env.int("PROVISIONING_MAX_IN_FLIGHT", default=20)
 GITHUB_API_BUDGET_PER_HOUR = env.int("GITHUB_API_BUDGET_PER_HOUR", default=4000)
 HETZNER_API_BUDGET_PER_HOUR = env.int("HETZNER_API_BUDGET_PER_HOUR", default=3600)
 API_BUDGET_WINDOW_SECONDS = env.int("API_BUDGET_WINDOW_SECONDS", default=3600)
+# A run that has reported (complete/fail) keeps its runner slot until GitHub says it ended: its
+# `workflow_run` webhook (signed with GITHUB_WEBHOOK_SECRET), else a list call for runs reported
+# more than RUN_FINISH_POLL_SECONDS ago; never longer than RUN_FINISH_GRACE_SECONDS.
+RUN_FINISH_POLL_SECONDS = env.int("RUN_FINISH_POLL_SECONDS", default=30)
+RUN_FINISH_GRACE_SECONDS = env.int("RUN_FINISH_GRACE_SECONDS", default=600)
 # Hetzner API calls one build makes, used until enough builds have reported their own count.
 HETZNER_CALLS_PER_BUILD = env.int("HETZNER_CALLS_PER_BUILD", default=7)
 # How often the customer's agent page polls its status while work is active.
@@ -326,6 +331,9 @@ GITHUB_REAPER_REF = env.str("GITHUB_REAPER_REF", default=GITHUB_REF)
 GITHUB_APP_ID = env.str("GITHUB_APP_ID", default="")
 GITHUB_APP_INSTALLATION_ID = env.str("GITHUB_APP_INSTALLATION_ID", default="")
 GITHUB_APP_PRIVATE_KEY = env.str("GITHUB_APP_PRIVATE_KEY", default="", multiline=True)
+# The GitHub App's webhook secret: POST /webhooks/github/ accepts only deliveries signed with it
+# (X-Hub-Signature-256). Unset: the endpoint answers 404 and finished runs are found by listing.
+GITHUB_WEBHOOK_SECRET = env.str("GITHUB_WEBHOOK_SECRET", default="")
 
 LOCAL_OIDC_ISSUER_URL = env.str("LOCAL_OIDC_ISSUER_URL", default="http://127.0.0.1:8702").rstrip(
     "/"

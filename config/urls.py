@@ -1,4 +1,4 @@
-"""Every door into the service: admin, customer accounts, the Stripe webhook, billing's pages, the API and
+"""Every door into the service: admin, customer accounts, the Stripe and GitHub webhooks, billing's pages, the API and
 its schema, monitoring, and the customer dashboard."""
 
 from allauth.account import views as account_views
@@ -13,6 +13,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 
 from billing import urls as billing_urls
 from billing.webhook import StripeWebhookView
+from provisioning.api.github_webhook import GitHubWebhookView
 from provisioning.web import urls as dashboard_urls
 
 # The dashboard's pages: provisioning's, plus billing's buy page (`dashboard:agent-buy`).
@@ -35,6 +36,8 @@ urlpatterns = [
     # dj-stripe's webhook view behind a body check (billing/webhook.py); same path and name.
     path("stripe/webhook/<uuid:uuid>/", StripeWebhookView.as_view(), name="stripe-webhook"),
     path("stripe/", include("djstripe.urls", namespace="djstripe")),
+    # The GitHub App's deliveries: a workflow run has ended, so its runner slot is free.
+    path("github/webhook/", GitHubWebhookView.as_view(), name="github-webhook"),
     path("billing/", include("billing.urls")),
     path("api/v1/", include("provisioning.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

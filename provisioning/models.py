@@ -554,3 +554,19 @@ class ApiCallCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.budget}/{self.purpose}: {self.calls}"
+
+
+class FinishingRun(models.Model):
+    """A run that has reported its outcome (`complete` or `fail`) and that GitHub may still be
+    running: its last steps come after the report (a failed build deletes its VM), and until the
+    run ends GitHub keeps its runner busy and counts it among the account's concurrent jobs. The
+    row keeps one of PROVISIONING_MAX_IN_FLIGHT's slots until GitHub says the run completed (its
+    `workflow_run` webhook, or a list call of unfinished runs) or, with neither heard,
+    RUN_FINISH_GRACE_SECONDS after the report (services/finishing.py)."""
+
+    run_id = models.CharField(max_length=40, primary_key=True)
+    job = models.ForeignKey(ProvisioningJob, on_delete=models.CASCADE, related_name="+")
+    reported_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} finishing since {self.reported_at:%H:%M:%S}"

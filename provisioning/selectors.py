@@ -18,6 +18,7 @@ from provisioning.models import (
     ApiBudget,
     ApiCallCount,
     CapacityHold,
+    FinishingRun,
     JobEvent,
     JobKind,
     JobStatus,
@@ -182,7 +183,8 @@ def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
 
 
 def job_count_in_flight(*, now: datetime) -> int:
-    """How many runs are in flight (job_list_in_flight): three index-served counts."""
+    """How many runs are in flight: job_list_in_flight's three index-served counts, plus the runs
+    that have reported and are still finishing at GitHub (run_count_finishing)."""
     cleanup_window = _cleanup_window(now)
     dispatched = ProvisioningJob.objects.filter(
         status=JobStatus.QUEUED, dispatched_at__isnull=False
@@ -193,7 +195,14 @@ def job_count_in_flight(*, now: datetime) -> int:
         cleanup_dispatched_at__isnull=False,
         cleanup_dispatched_at__gt=cleanup_window,
     ).count()
-    return dispatched + building + cleaning
+    return dispatched + building + cleaning + run_count_finishing(now=now)
+
+
+def run_count_finishing(*, now: datetime) -> int:
+    """Runs that have reported but that GitHub may still be running (services/finishing.py): each
+    keeps its runner slot until GitHub says it ended, or RUN_FINISH_GRACE_SECONDS at most."""
+    since = now - timedelta(seconds=settings.RUN_FINISH_GRACE_SECONDS)
+    return FinishingRun.objects.filter(reported_at__gt=since).count()
 
 
 def job_list_held_by_runner() -> QuerySet[ProvisioningJob]:

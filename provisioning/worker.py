@@ -2,7 +2,8 @@
 
 A tick records this worker's heartbeat (WorkerBeat, for /healthz and /metrics), sweeps timed-out
 jobs through the fail path (which cancels the silent run after commit), dispatches due jobs and
-sends cleanup runs for failed provisions; every RECONCILE_INTERVAL_SECONDS it also asks the
+sends cleanup runs for failed provisions; every RUN_FINISH_POLL_SECONDS it frees the runner slots
+of reported runs GitHub has ended without its webhook reaching us; every RECONCILE_INTERVAL_SECONDS it also asks the
 backend (GitHub) about in-flight runs and fails jobs whose run has finished. Each duty is
 guarded: one failing (GitHub down, a database hiccup) never stops the others or the loop.
 
@@ -85,6 +86,7 @@ class Worker:
     started_at: Any = field(default_factory=timezone.now)
     ticks: int = 0
     _last_reconcile: float | None = field(default=None, repr=False)  # time.monotonic()
+    _last_finishing: float | None = field(default=None, repr=False)
 
     # -- one tick ------------------------------------------------------------------------------
 
@@ -92,6 +94,7 @@ class Worker:
         return [
             ("beat", self.beat),
             ("timeout", services.job_timeout_stale),
+            ("finishing", self.finishing),
             (
                 "dispatch",
                 lambda: services.job_dispatch_due(backend=self.backend, limit=self.dispatch_limit),
@@ -130,6 +133,18 @@ class Worker:
             return 0
         self._last_reconcile = now
         return services.job_reconcile_runs(backend=self.backend)
+
+    def finishing(self) -> int:
+        """Every RUN_FINISH_POLL_SECONDS: free the slots of reported runs GitHub no longer lists
+        (their webhook was missed) or past RUN_FINISH_GRACE_SECONDS (services/finishing.py)."""
+        now = time.monotonic()
+        if (
+            self._last_finishing is not None
+            and now - self._last_finishing < settings.RUN_FINISH_POLL_SECONDS
+        ):
+            return 0
+        self._last_finishing = now
+        return services.runs_finished_poll(backend=self.backend)
 
     def beat(self) -> int:
         """Upsert this worker's row; prune rows of workers long gone."""

@@ -26,6 +26,14 @@ hourly reset); spent, the answer is 403 with `x-ratelimit-remaining: 0` and `x-r
 A secondary limit on content-creating calls (POST dispatch and cancel): more than
 `secondary_limit` in any `secondary_window_seconds` is answered 429 with `retry-after`.
 
+Webhooks, as a GitHub App subscribed to "Workflow runs" gets them: `workflow_run` with action
+`requested` (dispatched), `in_progress` (a runner took it) and `completed` (ended, any
+conclusion), POSTed to `webhook_url` by a few delivery threads with GitHub's headers
+(`X-GitHub-Event`, `X-GitHub-Delivery`, `X-Hub-Signature-256` = HMAC-SHA256 of the body keyed with
+`webhook_secret`). `webhook_drop_share` of the deliveries are lost on the way (GitHub's
+deliveries are not guaranteed), so the service's fallback gets exercised; `webhooks` counts the
+answers by status and `webhooks_dropped` the lost ones.
+
 What the simulation reads: `calls` (time, method, route, status, whether it counted),
 `rate_limited` (403/429 limit answers), `resent_while_held` (a dispatch for a job, attempt and
 mode while an earlier run for the same was still queued or in progress), `max_unfinished` (the
@@ -36,12 +44,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import itertools
 import json
 import math
+import queue
+import random
 import threading
 import time
-from collections import deque
+import uuid
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -120,8 +132,20 @@ class FakeGitHub:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        webhook_url: str | None = None,
+        webhook_secret: str = "",
+        webhook_drop_share: float = 0.0,
+        webhook_seed: int = 18,
     ) -> None:
         self.app_id = str(app_id)
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret
+        self.webhook_drop_share = webhook_drop_share
+        self._webhook_rng = random.Random(webhook_seed)
+        self._hooks: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._hook_threads: list[threading.Thread] = []
+        self.webhooks: Counter[str] = Counter()  # "event/action status" -> deliveries
+        self.webhooks_dropped = 0
         self.installation_id = str(installation_id)
         self._public_key = app_public_key_pem
         self.repository = repository
@@ -166,9 +190,17 @@ class FakeGitHub:
             target=self._httpd.serve_forever, args=(0.05,), name="fake-github", daemon=True
         )
         self._thread.start()
+        for n in range(4):  # idle until a delivery is queued (webhook_url set)
+            hook = threading.Thread(target=self._deliver, name=f"hookshot-{n}", daemon=True)
+            hook.start()
+            self._hook_threads.append(hook)
         return self
 
     def stop(self) -> None:
+        for _ in self._hook_threads:
+            self._hooks.put(None)
+        for hook in self._hook_threads:
+            hook.join(timeout=5)
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -198,6 +230,47 @@ class FakeGitHub:
         for thread in list(self._players):
             thread.join(max(deadline - time.monotonic(), 0.01))
 
+    # -- webhooks ----------------------------------------------------------------------------
+    def _announce(self, run: FakeRun, action: str) -> None:
+        """Queue a `workflow_run` delivery (called with the lock held: only builds the body)."""
+        if not self.webhook_url:
+            return
+        if self._webhook_rng.random() < self.webhook_drop_share:
+            self.webhooks_dropped += 1
+            return
+        payload = {
+            "action": action,
+            "workflow_run": self._run_json(run),
+            "workflow": {"path": f".github/workflows/{self.workflow_file}"},
+            "repository": {"full_name": self.repository},
+            "installation": {"id": int(self.installation_id)},
+        }
+        self._hooks.put(("workflow_run", json.dumps(payload).encode()))
+
+    def _deliver(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=10) as client:
+            while (item := self._hooks.get()) is not None:
+                event, body = item
+                action = json.loads(body)["action"]
+                signature = hmac.new(self.webhook_secret.encode(), body, hashlib.sha256)
+                headers = {
+                    "Content-Type": "application/json",
+                    "User-Agent": "GitHub-Hookshot/fake",
+                    "X-GitHub-Event": event,
+                    "X-GitHub-Delivery": str(uuid.uuid4()),
+                    "X-GitHub-Hook-Installation-Target-Type": "integration",
+                    "X-Hub-Signature-256": "sha256=" + signature.hexdigest(),
+                }
+                try:
+                    answer = client.post(self.webhook_url or "", content=body, headers=headers)
+                    status = str(answer.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                with self._lock:
+                    self.webhooks[f"{event}/{action} {status}"] += 1
+
     # -- the runner pool ---------------------------------------------------------------------
     def _start_queued(self) -> None:
         """Give free slots to the oldest queued runs (called with the lock held)."""
@@ -205,6 +278,7 @@ class FakeGitHub:
             run = self.runs[self._queue.popleft()]
             run.status = "in_progress"
             run.started_mono = time.monotonic()
+            self._announce(run, "in_progress")
             self._running += 1
             self.max_running = max(self.max_running, self._running)
             thread = threading.Thread(
@@ -225,6 +299,7 @@ class FakeGitHub:
             run.conclusion = "cancelled" if run.cancelled.is_set() else conclusion
             run.completed_mono = time.monotonic()
             self._running -= 1
+            self._announce(run, "completed")
             self._start_queued()
 
     def dispatch_run(self, job_id: str, attempt: int, mode: str) -> FakeRun:
@@ -240,6 +315,7 @@ class FakeGitHub:
                 self.resent_while_held += 1
             self.runs[run.id] = run
             self._queue.append(run.id)
+            self._announce(run, "requested")
             self.max_unfinished = max(
                 self.max_unfinished,
                 sum(1 for r in self.runs.values() if r.status in UNFINISHED),
@@ -257,6 +333,7 @@ class FakeGitHub:
                 self._queue.remove(run.id)
                 run.status, run.conclusion = "completed", "cancelled"
                 run.completed_mono = time.monotonic()
+                self._announce(run, "completed")
             return True
 
     # -- budgets -----------------------------------------------------------------------------

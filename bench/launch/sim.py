@@ -54,6 +54,8 @@ from bench.launch.fake_github import FakeGitHub
 from bench.launch.player import Player
 from bench.reliability.stack import TIMINGS, WEBHOOK_SECRET, Stack, post_signed
 
+GITHUB_WEBHOOK_SECRET = "launch-github-webhook-secret"
+
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/agent_provisioning_launch"
 APP_ID = "424242"
 INSTALLATION_ID = "5151515"
@@ -85,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fail-share", type=float, default=0.05, help="first attempts failing once")
     p.add_argument("--server-quota", type=int, default=1100, help="the Hetzner project's limit")
     p.add_argument("--github-limit", type=int, default=5000, help="GitHub's own hourly limit")
+    p.add_argument(
+        "--webhook-drop",
+        type=float,
+        default=0.02,
+        help="share of GitHub's webhook deliveries lost on the way",
+    )
     p.add_argument(
         "--max-wall",
         type=float,
@@ -490,6 +498,8 @@ def simulate(args: argparse.Namespace) -> Outcome:
         window_seconds=3600.0 / factor,
         secondary_window_seconds=60.0 / factor,
         player=player,
+        webhook_secret=GITHUB_WEBHOOK_SECRET,
+        webhook_drop_share=args.webhook_drop,
     ).start()
     stack = LaunchStack(
         db_url=db_url,
@@ -507,12 +517,14 @@ def simulate(args: argparse.Namespace) -> Outcome:
             "GITHUB_APP_INSTALLATION_ID": INSTALLATION_ID,
             "GITHUB_APP_PRIVATE_KEY": str(key_path),
             "PROVISIONING_MAX_IN_FLIGHT": str(args.capacity),
+            "GITHUB_WEBHOOK_SECRET": GITHUB_WEBHOOK_SECRET,
             # The real budgets (the reliability stack raises them for its own cases).
             "GITHUB_API_BUDGET_PER_HOUR": "4000",
             "HETZNER_API_BUDGET_PER_HOUR": str(HETZNER_LIMIT_PER_HOUR),
         },
     )
     player.api_url = stack.base_url
+    github.webhook_url = f"{stack.base_url}/github/webhook/"
     os.environ.update(stack.env())
     import django
 
@@ -534,6 +546,8 @@ def simulate(args: argparse.Namespace) -> Outcome:
             "GITHUB_API_BUDGET_PER_HOUR",
             "HETZNER_API_BUDGET_PER_HOUR",
             "API_BUDGET_WINDOW_SECONDS",
+            "RUN_FINISH_POLL_SECONDS",
+            "RUN_FINISH_GRACE_SECONDS",
         )
         if hasattr(settings, name)
     }
@@ -697,6 +711,14 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     per_build = len(h_calls) / provision_runs if provision_runs else math.nan
     launch_runs = [r for i, r in gh.runs.items() if i > o.marks.get("github_runs", 0)]
     waits = [r.started_mono - r.dispatched_mono for r in launch_runs if r.started_mono]
+    run_spans = [
+        r.completed_mono - r.started_mono
+        for r in launch_runs
+        if r.mode == "provision"
+        and r.conclusion == "success"
+        and r.started_mono
+        and r.completed_mono
+    ]
     shift = o.marks.get("epoch_minus_mono", 0.0)
     util = (
         o.sampler.utilization(t_start - shift, max(running_times) - shift, a.capacity)
@@ -726,6 +748,11 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
             f"{build * f:.0f} s sim ({build:.2f} s wall, {len(builds)} builds; mean "
             f"{statistics.fmean(builds) * f if builds else math.nan:.0f} s, p95 "
             f"{_p95(builds) * f:.0f} s)",
+            "",
+        ),
+        (
+            "a run at GitHub (median start→end, successful provision runs)",
+            f"{measure.median(run_spans) * f:.0f} s sim ({len(run_spans)} runs)",
             "",
         ),
         (
@@ -782,6 +809,11 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
             f"≤ {budget}",
         ),
         ("GitHub rate-limit answers (403/429)", str(gh.rate_limited), ""),
+        (
+            "GitHub's webhooks: answers / lost on the way",
+            f"{dict(sorted(gh.webhooks.items()))} / {gh.webhooks_dropped}",
+            "",
+        ),
         (
             "Hetzner calls per build / busiest sim hour",
             f"{measure.fmt(per_build, 1)} / {h_peak} ({len(h_calls)} calls, "

@@ -142,6 +142,9 @@ class GitHubBackend:
     """Runs jobs as ``workflow_dispatch`` runs of our workflow in our repository."""
 
     name = "github"
+    # A run's last steps follow its report and GitHub keeps its runner until they end: the
+    # reported run keeps its slot until GitHub says it completed (services/finishing.py).
+    holds_runner_after_report = True
 
     def __init__(
         self,

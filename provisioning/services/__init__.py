@@ -9,6 +9,8 @@ why.
   operator    job_cancel, job_retry, job_redispatch, job_force_timeout
   lifecycle   agent_end
   reconcile   job_reconcile_runs
+  finishing   run_finishing_record, run_finished_release, runs_finished_poll (a reported run's
+              runner slot stays taken until GitHub says the run ended)
   alerts      operator_alerts_send (a job failed for good: email, optional webhook)
   capacity    capacity_hold_place, capacity_hold_lift (Hetzner's server limit)
   common      what several need: Run/RunRef, recording a move's event, the one fail path
@@ -40,6 +42,11 @@ from provisioning.services.enqueue import (
     job_check_concurrent_provision,
     job_enqueue,
     job_reprovision,
+)
+from provisioning.services.finishing import (
+    run_finished_release,
+    run_finishing_record,
+    runs_finished_poll,
 )
 from provisioning.services.lifecycle import agent_end
 from provisioning.services.operator import job_cancel, job_force_timeout, job_redispatch, job_retry
@@ -75,4 +82,7 @@ __all__ = [
     "job_timeout_if_stale",
     "job_timeout_stale",
     "operator_alerts_send",
+    "run_finished_release",
+    "run_finishing_record",
+    "runs_finished_poll",
 ]

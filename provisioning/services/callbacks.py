@@ -40,6 +40,7 @@ from provisioning.services.common import (
     spend_token,
 )
 from provisioning.services.dispatch import dispatch_soon
+from provisioning.services.finishing import holds_runner_after_report, run_finishing_record
 from provisioning.state import (
     CAPACITY_REQUEUE,
     CLAIM,
@@ -255,8 +256,18 @@ def job_complete(
         )
         if job.is_deprovision:
             capacity_hold_lift(actor=Actor.workflow(run.run_id), now=now)  # a server was freed
-        dispatch_soon(limit=1)  # this run's slot is free
+        _slot_after_report(job_id, run, now=now)
     return job
+
+
+def _slot_after_report(job_id: UUID | str, run: RunRef, *, now: datetime) -> None:
+    """The reporting run's runner slot: on GitHub the run goes on after its report (its last
+    steps), so the slot stays taken until GitHub says the run ended (services/finishing.py);
+    a run that ends with its report frees it now, and the next job is dispatched at commit."""
+    if holds_runner_after_report():
+        run_finishing_record(job_id=job_id, run_id=run.run_id, now=now)
+    else:
+        dispatch_soon(limit=1)
 
 
 # --- the run's failure report ----------------------------------------------------------------
@@ -299,7 +310,7 @@ def job_fail(
         if hetzner_calls is not None:  # what this run spent, for limits.py
             job.hetzner_calls = hetzner_calls
             job.save(update_fields=["hetzner_calls"])
-        dispatch_soon(limit=1)  # this run's slot is free (after commit)
+        _slot_after_report(job_id, run, now=timezone.now())
         if capacity and not job.is_deprovision:
             return capacity_requeue_locked(
                 job,

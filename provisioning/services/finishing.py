@@ -1,0 +1,116 @@
+"""Runs that have reported and are still finishing: when a runner slot is really free.
+
+A run's `complete` or `fail` is not its end. Its last steps come after the report (a failed build
+deletes the VM it made; GitHub then tidies the runner up), and until the run ends GitHub keeps
+that runner busy: a run dispatched into the slot the moment the report commits waits in GitHub's
+queue, and GitHub's own count of the account's concurrent jobs is over PROVISIONING_MAX_IN_FLIGHT.
+So with a backend that runs on such runners (`holds_runner_after_report`: GitHub), the report
+records a FinishingRun, which the dispatcher counts as in flight (selectors.run_count_finishing),
+and the slot is handed on only when GitHub says the run completed:
+
+- GitHub's `workflow_run` (or `workflow_job`) webhook with action `completed` (api/github_webhook.py):
+  the usual way, within a second or two of the run's end;
+- a missed webhook: the worker's `finishing` duty lists the workflow's unfinished runs (the list
+  calls reconciliation makes, conditional on their ETags) for runs reported more than
+  RUN_FINISH_POLL_SECONDS ago, and releases those GitHub no longer lists;
+- neither heard (the API budget spent, GitHub down): RUN_FINISH_GRACE_SECONDS after the report
+  the row stops counting, and the duty deletes it. Capacity is never lost for good.
+
+Backends whose runs end with their report (local processes, test fakes) record nothing: their
+slot is free at the report, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from django.conf import settings
+from django.utils import timezone
+
+from provisioning import backends
+from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend
+from provisioning.models import FinishingRun
+from provisioning.services.budget import api_budget_wait
+from provisioning.services.dispatch import dispatch_soon
+
+logger = logging.getLogger(__name__)
+
+
+def holds_runner_after_report(backend: RunnerBackend | None = None) -> bool:
+    """Does this backend's run keep its runner (and its place in GitHub's count) for a while after
+    the run reports?"""
+    backend = backend or backends.get_backend()
+    return bool(getattr(backend, "holds_runner_after_report", False))
+
+
+def run_finishing_record(*, job_id: UUID | str, run_id: str, now: datetime) -> None:
+    """Inside the report's transaction: the run `run_id` has reported and is finishing; its slot
+    stays taken until it ends. A repeat (the same run reporting again) changes nothing."""
+    FinishingRun.objects.bulk_create(
+        [FinishingRun(run_id=run_id, job_id=job_id, reported_at=now)], ignore_conflicts=True
+    )
+
+
+def run_finished_release(*, run_id: str, source: str) -> bool:
+    """GitHub says run `run_id` has ended: free its slot and hand it to the next job (after
+    commit). False if the run held no slot (not ours, released already, or never recorded)."""
+    deleted, _ = FinishingRun.objects.filter(run_id=run_id).delete()
+    if deleted:
+        logger.info("run %s has finished (%s): its runner slot is free", run_id, source)
+        dispatch_soon(limit=1)
+    return bool(deleted)
+
+
+def runs_finished_poll(*, backend: RunnerBackend | None = None, now: datetime | None = None) -> int:
+    """The worker's `finishing` duty: forget runs past RUN_FINISH_GRACE_SECONDS, and ask GitHub
+    (list calls) about runs finishing for more than RUN_FINISH_POLL_SECONDS, which its webhook
+    should have announced by then. Returns how many slots were freed."""
+    backend = backend or backends.get_backend()
+    now = now or timezone.now()
+    expired, _ = FinishingRun.objects.filter(reported_at__lte=grace_cutoff(now)).delete()
+    if expired:
+        logger.warning(
+            "%d finishing run(s) not heard of for RUN_FINISH_GRACE_SECONDS: slots freed anyway",
+            expired,
+        )
+    poll_before = now - timedelta(seconds=settings.RUN_FINISH_POLL_SECONDS)
+    overdue = list(
+        FinishingRun.objects.filter(reported_at__lte=poll_before)
+        .order_by("reported_at")
+        .values_list("run_id", flat=True)
+    )
+    freed = 0
+    if overdue and isinstance(backend, RunLister):
+        if getattr(backend, "shared_budget", False) and api_budget_wait(now=now) > 0:
+            return expired  # no request to spare: the grace bound frees them if this lasts
+        try:
+            unfinished = backend.list_unfinished_runs()
+        except Exception as exc:
+            level = logging.INFO if isinstance(exc, BudgetSpent) else logging.WARNING
+            logger.log(level, "finishing runs: could not list runs: %s", exc)
+            return expired
+        gone = [run_id for run_id in overdue if run_id not in unfinished]
+        if gone:
+            freed, _ = FinishingRun.objects.filter(run_id__in=gone).delete()
+            logger.info("%d finished run(s) found by listing (their webhook was missed)", freed)
+    elif overdue:
+        # A backend that cannot list: ask about each run (None: unknown, so not running).
+        gone = []
+        for run_id in overdue:
+            try:
+                status = backend.get_run(run_id=run_id)
+            except Exception as exc:
+                logger.warning("finishing runs: could not read run %s: %s", run_id, exc)
+                break
+            if status is None or status.is_finished:
+                gone.append(run_id)
+        if gone:
+            freed, _ = FinishingRun.objects.filter(run_id__in=gone).delete()
+    return freed + expired  # the worker's dispatch duty, next in the same tick, uses them
+
+
+def grace_cutoff(now: datetime) -> datetime:
+    """Rows reported at or before this no longer hold a slot."""
+    return now - timedelta(seconds=settings.RUN_FINISH_GRACE_SECONDS)
