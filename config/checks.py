@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Error, Tags, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
 from provisioning.backends.github import load_private_key
@@ -181,6 +181,24 @@ def check_production_settings(
     app_configs: Sequence[Any] | None, **kwargs: Any
 ) -> list[CheckMessage]:
     return [Error(str(p), hint=None, id=p.id) for p in production_problems()]
+
+
+@register(Tags.security, deploy=True)
+def check_github_webhook(app_configs: Sequence[Any] | None, **kwargs: Any) -> list[CheckMessage]:
+    """Not unsafe, only slower: without the App's webhook a finished run's slot is found by
+    listing GitHub's runs, RUN_FINISH_POLL_SECONDS after its report."""
+    if settings.PROVISIONING_RUNNER != "github" or settings.GITHUB_WEBHOOK_SECRET:
+        return []
+    return [
+        Warning(
+            "GITHUB_WEBHOOK_SECRET is not set: GitHub's workflow_run webhook cannot be checked, so "
+            "a finished run's runner slot is freed only by listing runs, "
+            f"{settings.RUN_FINISH_POLL_SECONDS} s or more after its report.",
+            hint="Set the GitHub App's webhook URL to <PUBLIC_BASE_URL>/github/webhook/, its "
+            "secret to GITHUB_WEBHOOK_SECRET, and subscribe it to 'Workflow runs'.",
+            id="config.W020",
+        )
+    ]
 
 
 def refuse_unsafe_production() -> None:

@@ -6,7 +6,8 @@ typical start, the median dispatch-to-claim of recent claims), then for the buil
 claim-to-complete for its region). The runs in flight hold their slots until their expected
 finish: a claimed build at its claim plus the build time, a dispatched run not yet claimed at
 its dispatch plus the start and the build, one already overdue now; a cleanup run for as long as
-the dispatcher counts it (`selectors.job_list_in_flight`). Slots nobody holds are free
+the dispatcher counts it (`selectors.job_list_in_flight`); a run that has reported and that GitHub
+is still finishing (`selectors.run_count_finishing`) now. Slots nobody holds are free
 now. The queue then takes the slots in dispatch order (`selectors.job_list_waiting`): each job
 ahead takes the slot that frees first and holds it for a start and a typical build (a
 deprovision for DEPROVISION_SECONDS); the job gets the slot that frees after theirs and is ready
@@ -108,7 +109,10 @@ class _Queue:
             in_flight = selectors.job_list_in_flight(now=self.now).only(
                 "status", "kind", "region", "claimed_at", "dispatched_at", "cleanup_dispatched_at"
             )
-            finishes = sorted(self.in_flight_finish(job) for job in in_flight)
+            finishes = [self.in_flight_finish(job) for job in in_flight]
+            # Runs that have reported and that GitHub is finishing: their slots free any moment.
+            finishes += [self.now] * selectors.run_count_finishing(now=self.now)
+            finishes.sort()
             # More runs in flight than slots (the limit went down): a slot frees only once the
             # count is below C again, so the earliest finishes free none.
             held = finishes[max(len(finishes) - capacity, 0) :]

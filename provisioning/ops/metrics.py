@@ -297,6 +297,12 @@ class JobCollector(Collector):
             value=selectors.job_list_waiting(now=now).count(),
         )
         yield GaugeMetricFamily(
+            "provisioning_runs_finishing",
+            "Runs that have reported and that GitHub has not said ended yet: each keeps its slot "
+            "(part of provisioning_runs_in_flight).",
+            value=selectors.run_count_finishing(now=now),
+        )
+        yield GaugeMetricFamily(
             "provisioning_runs_waiting_for_machine",
             "Dispatched runs GitHub (or the local backend) still holds unclaimed: waiting for "
             "a build machine, not re-sent.",

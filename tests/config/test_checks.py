@@ -42,6 +42,7 @@ PRODUCTION = {
     "GITHUB_APP_ID": "12345",
     "GITHUB_APP_INSTALLATION_ID": "67890",
     "GITHUB_APP_PRIVATE_KEY": APP_KEY,
+    "GITHUB_WEBHOOK_SECRET": "webhook-secret-for-a-test",
 }
 MINIMAL = {k: PRODUCTION[k] for k in ("DJANGO_DEBUG", "DJANGO_SECRET_KEY", "PUBLIC_BASE_URL")}
 
@@ -78,6 +79,15 @@ def test_check_deploy_with_a_full_production_environment_is_clean():
 
     assert result.returncode == 0, result.stderr
     assert "no issues" in result.stdout
+
+
+def test_check_deploy_without_the_github_webhook_secret_warns_and_passes():
+    env = {k: v for k, v in PRODUCTION.items() if k != "GITHUB_WEBHOOK_SECRET"}
+    result = _run(["manage.py", "check", "--deploy"], env)
+
+    assert result.returncode == 0, result.stderr
+    assert "config.W020" in result.stderr + result.stdout
+    assert "GITHUB_WEBHOOK_SECRET" in result.stderr + result.stdout
 
 
 def test_the_worker_refuses_to_start_with_unsafe_settings():

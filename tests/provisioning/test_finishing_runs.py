@@ -23,7 +23,7 @@ from tests.provisioning.helpers import enqueue
 
 pytestmark = pytest.mark.django_db
 
-SECRET = "test-webhook-secret"  # noqa: S105 (a test's)
+SECRET = "test-webhook-secret"
 
 
 @pytest.fixture
@@ -300,3 +300,19 @@ def test_the_worker_frees_slots_before_it_dispatches(fake_github, settings, one_
     assert report.done["dispatch"] == 1
     waiting.refresh_from_db()
     assert waiting.dispatched_at is not None
+
+
+def test_metrics_count_finishing_runs_among_the_runs_in_flight(fake_github, client, settings):
+    from tests.provisioning.test_api_budget import metric_samples
+
+    built(fake_github)
+    built(fake_github, outcome="fail")
+    held = enqueue(AgentFactory())
+    services.job_dispatch_next()  # a third, dispatched and not claimed
+    held.refresh_from_db()
+    assert held.dispatched_at is not None
+
+    m = metric_samples(client)
+
+    assert m[("provisioning_runs_finishing", ())] == 2
+    assert m[("provisioning_runs_in_flight", ())] == 3
