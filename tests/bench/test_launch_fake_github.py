@@ -254,3 +254,70 @@ def test_an_app_jwt_from_another_key_gets_no_token(make_fake):
     intruder.close()
     assert refused.value.status == 401
     assert fake.runs == {}
+
+
+class _Receiver:
+    """A loopback endpoint recording what the fake's webhook deliveries carried."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        received = self.deliveries
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append((dict(self.headers.items()), body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/github/webhook/"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_each_run_is_announced_by_signed_workflow_run_webhooks(make_fake):
+    import json
+
+    from provisioning.api.github_webhook import signature_for
+
+    receiver = _Receiver()
+    try:
+        fake, backend = make_fake(webhook_secret="s3cret")
+        fake.webhook_url = receiver.url
+        run_id = backend.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision").run_id
+        _wait_until(lambda: len(receiver.deliveries) == 3)
+    finally:
+        receiver.stop()
+    actions = []
+    for headers, body in receiver.deliveries:
+        assert headers["X-GitHub-Event"] == "workflow_run"
+        assert headers["X-Hub-Signature-256"] == signature_for(body, "s3cret")
+        payload = json.loads(body)
+        assert payload["workflow_run"]["id"] == int(run_id or 0)
+        assert payload["repository"]["full_name"] == REPO
+        actions.append(payload["action"])
+    assert sorted(actions) == ["completed", "in_progress", "requested"]
+    assert sum(fake.webhooks.values()) == 3 and fake.webhooks_dropped == 0
+
+
+def test_lost_deliveries_are_counted_and_not_sent(make_fake):
+    receiver = _Receiver()
+    try:
+        fake, backend = make_fake(webhook_secret="s3cret", webhook_drop_share=1.0)
+        fake.webhook_url = receiver.url
+        backend.dispatch(job_id=uuid.uuid4(), attempt=1, mode="provision")
+        _wait_until(lambda: fake.webhooks_dropped == 3)
+        time.sleep(0.2)
+    finally:
+        receiver.stop()
+    assert receiver.deliveries == []
