@@ -921,6 +921,11 @@ def broken_promises(o: Outcome, last: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    # This process plays every runner (~20 threads), the fakes' servers and the webhook senders,
+    # nearly all waiting on sockets. With the interpreter's default 5 ms switch interval a thread
+    # whose answer has arrived can wait that long for the GIL, and at F = 60 each wall
+    # millisecond is 60 simulated ones: a delay of the harness, not of the service.
+    sys.setswitchinterval(0.0005)
     outcome = simulate(args)
     rows, last = figures(outcome)
     text = render(rows, last)

@@ -27,7 +27,7 @@ from provisioning.errors import (
     TokenReplayed,
     WrongRun,
 )
-from provisioning.models import JobEvent, ProvisioningJob, UsedTokenId
+from provisioning.models import FinishingRun, JobEvent, ProvisioningJob, UsedTokenId
 from provisioning.services.alerts import alert_record
 from provisioning.state import HEARTBEAT, Move, fail_move
 
@@ -253,10 +253,26 @@ def after_commit(fn: Callable[[], Any]) -> None:
     transaction.on_commit(guarded)
 
 
-def cancel_run_later(run_id: str | None) -> None:
-    """Cancel the workflow run after commit (best effort: a late call from it is fenced anyway)."""
+def finishing_runs_record(runs: list[tuple[str, UUID | str]], *, now: datetime) -> None:
+    """(run id, job id) pairs whose runs have reported or are being cancelled: on a backend whose
+    runs keep their runner until they end (GitHub), each keeps its slot until GitHub says it
+    ended (services/finishing.py). One INSERT; a run recorded already is left as it was."""
+    if runs and getattr(backends.get_backend(), "holds_runner_after_report", False):
+        FinishingRun.objects.bulk_create(
+            [FinishingRun(run_id=run, job_id=job, reported_at=now) for run, job in runs],
+            ignore_conflicts=True,
+        )
+
+
+def cancel_run_later(run_id: str | None, *, job_id: UUID | str | None = None) -> None:
+    """Cancel the workflow run after commit (best effort: a late call from it is fenced anyway).
+
+    With `job_id`, on a backend whose runs keep their runner until they end (GitHub), the run
+    keeps its slot until GitHub says the cancelled run has stopped (services/finishing.py)."""
     if not run_id:
         return
+    if job_id is not None:
+        finishing_runs_record([(run_id, job_id)], now=timezone.now())
 
     def cancel() -> None:
         backends.get_backend().cancel_run(run_id=run_id)

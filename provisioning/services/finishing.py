@@ -13,6 +13,8 @@ and the slot is handed on only when GitHub says the run completed:
 - a missed webhook: the worker's `finishing` duty lists the workflow's unfinished runs (the list
   calls reconciliation makes, conditional on their ETags) for runs reported more than
   RUN_FINISH_POLL_SECONDS ago, and releases those GitHub no longer lists;
+- a run the service cancels (a timeout, an operator's cancel or re-dispatch) is recorded the same
+  way (services.common.cancel_run_later): it keeps its runner until GitHub has stopped it;
 - neither heard (the API budget spent, GitHub down): RUN_FINISH_GRACE_SECONDS after the report
   the row stops counting, and the duty deletes it. Capacity is never lost for good.
 
@@ -33,6 +35,7 @@ from provisioning import backends
 from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend
 from provisioning.models import FinishingRun
 from provisioning.services.budget import api_budget_wait
+from provisioning.services.common import finishing_runs_record
 from provisioning.services.dispatch import dispatch_soon
 
 logger = logging.getLogger(__name__)
@@ -48,9 +51,7 @@ def holds_runner_after_report(backend: RunnerBackend | None = None) -> bool:
 def run_finishing_record(*, job_id: UUID | str, run_id: str, now: datetime) -> None:
     """Inside the report's transaction: the run `run_id` has reported and is finishing; its slot
     stays taken until it ends. A repeat (the same run reporting again) changes nothing."""
-    FinishingRun.objects.bulk_create(
-        [FinishingRun(run_id=run_id, job_id=job_id, reported_at=now)], ignore_conflicts=True
-    )
+    finishing_runs_record([(run_id, job_id)], now=now)
 
 
 def run_finished_release(*, run_id: str, source: str) -> bool:

@@ -46,7 +46,7 @@ def job_cancel(*, job_id: UUID | str, actor: str, reason: str = "") -> Provision
         step=Step.CANCELLED,
         reason=job.error,
     )
-    cancel_run_later(run_id)
+    cancel_run_later(run_id, job_id=job.pk)
     return job
 
 
@@ -122,7 +122,7 @@ def job_redispatch(*, job_id: UUID | str, actor: str) -> ProvisioningJob:
         run_id=old_run,
         reason="Re-dispatch requested" + (f"; run {old_run} cancelled" if old_run else ""),
     )
-    cancel_run_later(old_run)
+    cancel_run_later(old_run, job_id=job.pk)
     dispatch_soon()
     return job
 
@@ -148,5 +148,5 @@ def job_force_timeout(*, job_id: UUID | str, actor: str, reason: str = "") -> Pr
             failed_step=Step.TIMEOUT,
             run_id=run_id,
         )
-        cancel_run_later(run_id)
+        cancel_run_later(run_id, job_id=job.pk)
     return job

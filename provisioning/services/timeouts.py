@@ -15,7 +15,12 @@ from django.utils import timezone
 
 from provisioning import selectors
 from provisioning.models import Actor, JobEvent, JobStatus, OperatorAlert, ProvisioningJob, Step
-from provisioning.services.common import MAX_ERROR_CHARS, cancel_run_later, fail_locked
+from provisioning.services.common import (
+    MAX_ERROR_CHARS,
+    cancel_run_later,
+    fail_locked,
+    finishing_runs_record,
+)
 from provisioning.state import TIMEOUT, fail_move
 
 # Jobs one sweep transaction times out (and keeps locked until it commits).
@@ -73,7 +78,7 @@ def job_timeout_if_stale(*, job_id: UUID | str, now: datetime | None = None) -> 
             failed_step=Step.TIMEOUT,
             run_id=run_id,
         )
-        cancel_run_later(run_id)
+        cancel_run_later(run_id, job_id=job.pk)
     return True
 
 
@@ -170,7 +175,8 @@ def _time_out_batch(*, now: datetime, size: int) -> int:
         with connection.cursor() as cursor:
             cursor.execute(_BATCH_UPDATE.format(locked=locked_sql), params)
             rows = cursor.fetchall()
-        events, alerts, runs = [], [], []
+        events, alerts = [], []
+        runs: dict[str, UUID] = {}  # run id -> job id, each run once
         for job_id, status, attempt, retry_count, max_retries, next_at, error, run_id in rows:
             move = moves[status]
             if move is requeue:
@@ -193,9 +199,11 @@ def _time_out_batch(*, now: datetime, size: int) -> int:
                     reason=f"{error[: MAX_ERROR_CHARS - 200]} ({outcome})",
                 )
             )
-            runs.append(run_id)
+            if run_id:
+                runs[run_id] = job_id
         JobEvent.objects.bulk_create(events)
         OperatorAlert.objects.bulk_create(alerts, ignore_conflicts=True)
-        for run_id in dict.fromkeys(runs):
+        finishing_runs_record(list(runs.items()), now=now)  # each keeps its slot until stopped
+        for run_id in runs:
             cancel_run_later(run_id)
     return len(rows)

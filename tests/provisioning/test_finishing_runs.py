@@ -316,3 +316,42 @@ def test_metrics_count_finishing_runs_among_the_runs_in_flight(fake_github, clie
 
     assert m[("provisioning_runs_finishing", ())] == 2
     assert m[("provisioning_runs_in_flight", ())] == 3
+
+
+# --- runs the service cancels keep their runner until GitHub has stopped them -------------------
+
+
+def claimed_job(fake_github) -> tuple[ProvisioningJob, Run]:
+    job = enqueue(AgentFactory())
+    services.job_dispatch_next()
+    job.refresh_from_db()
+    run = Run(run_id=job.workflow_run_id)
+    services.job_claim(job_id=job.pk, attempt=job.attempt, run=run)
+    return job, run
+
+
+@pytest.mark.parametrize("how", ["sweep", "one job", "operator"])
+def test_a_run_the_service_cancels_keeps_its_slot_until_github_says_it_stopped(
+    fake_github, client, webhook_secret, settings, django_capture_on_commit_callbacks, how
+):
+    from provisioning.models import Actor
+
+    job, run = claimed_job(fake_github)
+    silent = timezone.now() - timedelta(seconds=settings.JOB_TIMEOUT_SECONDS + 5)
+    ProvisioningJob.objects.filter(pk=job.pk).update(last_heartbeat_at=silent, updated_at=silent)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        if how == "sweep":
+            assert services.job_timeout_stale() == 1
+        elif how == "one job":
+            assert services.job_timeout_if_stale(job_id=job.pk)
+        else:
+            services.job_cancel(job_id=job.pk, actor=Actor.operator("ops"))
+
+    assert fake_github.cancelled == [run.run_id]
+    assert list(FinishingRun.objects.values_list("run_id", "job_id")) == [(run.run_id, job.pk)]
+    assert selectors.job_count_in_flight(now=timezone.now()) == 1  # GitHub is stopping it
+
+    answer = deliver(client, run_completed(run.run_id, fake_github.repository))
+    assert answer.json()["code"] == "released"
+    assert selectors.job_count_in_flight(now=timezone.now()) == 0
