@@ -91,6 +91,19 @@ def build_seconds(jobs: Iterable[JobTimes]) -> list[float]:
     return out
 
 
+def run_seconds(runs: Iterable[Any]) -> list[float]:
+    """A runner's time per build: each successful provision run's start (a runner took it) to
+    its end, as the fake GitHub recorded them (monotonic seconds)."""
+    return [
+        r.completed_mono - r.started_mono
+        for r in runs
+        if r.mode == "provision"
+        and r.conclusion == "success"
+        and r.started_mono
+        and r.completed_mono
+    ]
+
+
 def attempt_seconds(jobs: Iterable[JobTimes]) -> list[float]:
     """claim -> complete or fail of every attempt that ended (wall seconds)."""
     out = []

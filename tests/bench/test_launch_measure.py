@@ -85,3 +85,16 @@ def test_busiest_window_slides():
     assert busiest_window([0, 1, 2, 10, 10.5, 11, 11.2], 2.0) == 4
     assert busiest_window([], 1.0) == 0
     assert math.isclose(busiest_window([5, 0, 1], 1.0), 2)
+
+
+def test_run_seconds_take_successful_provision_runs_from_start_to_end():
+    from types import SimpleNamespace as Run
+
+    runs = [
+        Run(mode="provision", conclusion="success", started_mono=10.0, completed_mono=13.5),
+        Run(mode="provision", conclusion="failure", started_mono=10.0, completed_mono=11.0),
+        Run(mode="deprovision", conclusion="success", started_mono=10.0, completed_mono=10.5),
+        Run(mode="provision", conclusion="success", started_mono=None, completed_mono=None),
+        Run(mode="provision", conclusion="success", started_mono=20.0, completed_mono=22.0),
+    ]
+    assert measure.run_seconds(runs) == [3.5, 2.0]
