@@ -13,6 +13,7 @@ from bench.launch.measure import (
     eta_errors,
     floor_seconds,
     inversions,
+    run_seconds,
 )
 
 
@@ -97,4 +98,4 @@ def test_run_seconds_take_successful_provision_runs_from_start_to_end():
         Run(mode="provision", conclusion="success", started_mono=None, completed_mono=None),
         Run(mode="provision", conclusion="success", started_mono=20.0, completed_mono=22.0),
     ]
-    assert measure.run_seconds(runs) == [3.5, 2.0]
+    assert run_seconds(runs) == [3.5, 2.0]
