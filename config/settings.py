@@ -150,6 +150,10 @@ else:
             },
         }
     }
+# PostgreSQL: the heartbeat's UPDATE (the hottest statement) runs as a prepared statement, planned
+# once per connection. Turn off behind a proxy that loses prepared statements between
+# transactions (PgBouncer in transaction mode before 1.21).
+DATABASE_PREPARED_STATEMENTS = env.bool("DATABASE_PREPARED_STATEMENTS", default=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

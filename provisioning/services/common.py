@@ -10,11 +10,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 from uuid import UUID
 
 from django.conf import settings
-from django.db import IntegrityError, connection, models, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, models, transaction
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 from django.db.models import Field, Q
 from django.db.models.sql import InsertQuery
 from django.utils import timezone
@@ -30,6 +31,9 @@ from provisioning.errors import (
 from provisioning.models import FinishingRun, JobEvent, ProvisioningJob, UsedTokenId
 from provisioning.services.alerts import alert_record
 from provisioning.state import HEARTBEAT, Move, fail_move
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -188,27 +192,99 @@ def _fenced_touch_sql(vendor: str, *, same_step: bool) -> str:
     return f"UPDATE {quote(meta.db_table)} SET {sets} WHERE {where}"  # noqa: S608
 
 
+# The IN list's values, in the order the SQL's placeholders take them.
+_HEARTBEAT_SOURCES = tuple(sorted(HEARTBEAT.sources))
+
+
+@functools.cache
+def _prepared_cursor_class() -> type[Any]:
+    """A psycopg cursor with server-side binding that prepares each statement on its first run
+    and reuses it on the same connection (made once: psycopg is only imported on PostgreSQL)."""
+    import psycopg
+
+    class PreparedCursor(psycopg.Cursor[Any]):
+        def execute(
+            self,
+            query: Any,
+            params: Any = None,
+            *,
+            prepare: bool | None = None,
+            binary: bool | None = None,
+        ) -> Self:
+            return super().execute(
+                query, params, prepare=True if prepare is None else prepare, binary=binary
+            )
+
+    return PreparedCursor
+
+
+class _LoggedPreparedCursor(CursorDebugWrapper):
+    """Django's query log around a PreparedCursor. Django logs the query psycopg last sent, which
+    for a prepared statement is not kept (and would only show $1, $2 …): log the statement with
+    its values written in instead, as Django does for connections with server-side binding."""
+
+    def execute(self, sql: Any, params: Any = None) -> Any:
+        shown = self.db.ops.compose_sql(sql, params)
+        with self.debug_sql(shown, params):
+            return CursorWrapper.execute(self, sql, params)
+
+
+# psycopg's count of runs before it prepares a statement by itself; one no statement reaches.
+_NEVER_BY_COUNT = 2**62
+
+
+def _prepared_cursor(db: BaseDatabaseWrapper) -> CursorWrapper:
+    """What `db.cursor()` returns (health check, connect, thread check, Django's wrapper: its
+    error translation, execute wrappers and query log), around a PreparedCursor on the same
+    connection, so it shares the caller's transaction or autocommit.
+
+    Django opens psycopg connections with automatic preparing off (prepare_threshold None), as
+    transaction-pooling proxies lose prepared statements between transactions; psycopg then
+    ignores `prepare=True` too. The threshold is set to a count no statement reaches: Django's
+    own cursors bind on the client and never prepare, so only PreparedCursor's statements are.
+    """
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    with db.wrap_database_errors:
+        raw = db.connection
+        if raw.prepare_threshold is None:
+            raw.prepare_threshold = _NEVER_BY_COUNT
+        cursor = _prepared_cursor_class()(raw)
+    db.validate_thread_sharing()
+    return _LoggedPreparedCursor(cursor, db) if db.queries_logged else db.make_cursor(cursor)
+
+
 def fenced_touch(
     job_id: UUID | str, run: RunRef, *, now: datetime, progress: int | None, step: str | None
 ) -> bool:
     """HEARTBEAT's common case as one autocommit statement: refresh the heartbeat (and progress)
     of the job this run owns, if it is still at `step` (any step when None). False if no row
-    matched: the caller takes the slow path or finds the refusal."""
+    matched: the caller takes the slow path or finds the refusal.
+
+    On PostgreSQL (unless DATABASE_PREPARED_STATEMENTS is off) the UPDATE is a prepared
+    statement with server-side parameters: parsed and planned once per connection, not on every
+    heartbeat as Django's client-side-binding cursor would send it. Same statement, same values.
+    """
+    db = connections[DEFAULT_DB_ALIAS]
     meta = ProvisioningJob._meta
-    when = meta.get_field("updated_at").get_db_prep_value(now, connection)
-    params: list[Any] = [
-        when,
-        when,
-        progress,
-        meta.pk.get_db_prep_value(job_id, connection) if meta.pk else job_id,
-        *sorted(HEARTBEAT.sources),
-        run.run_id,
-        run.run_attempt,
-    ]
+    postgres = db.vendor == "postgresql"
+    prepared = postgres and settings.DATABASE_PREPARED_STATEMENTS
+    # On PostgreSQL the fields' get_db_prep_value return an aware datetime and a UUID as they
+    # are: skip the calls then (~0.02 ms a heartbeat under the profiler).
+    if postgres and now.tzinfo is not None:
+        when: Any = now
+    else:
+        when = meta.get_field("updated_at").get_db_prep_value(now, db)
+    if postgres and isinstance(job_id, UUID):
+        pk: Any = job_id
+    else:
+        pk = meta.pk.get_db_prep_value(job_id, db) if meta.pk else job_id
+    params: list[Any] = [when, when, progress, pk, *_HEARTBEAT_SOURCES, run.run_id, run.run_attempt]
     if step is not None:
         params.append(step)
-    with connection.cursor() as cursor:
-        cursor.execute(_fenced_touch_sql(connection.vendor, same_step=step is not None), params)
+    sql = _fenced_touch_sql(db.vendor, same_step=step is not None)
+    with _prepared_cursor(db) if prepared else db.cursor() as cursor:
+        cursor.execute(sql, params)
         return bool(cursor.rowcount)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from provisioning import selectors, services
@@ -321,6 +324,102 @@ def test_heartbeat_from_another_run_attempt_is_fenced_out(backend):
 
     with pytest.raises(FencedOut):
         services.job_heartbeat(job_id=job.pk, run=Run(run_id=run.run_id, run_attempt=2))
+
+
+def _heartbeat_columns(job: ProvisioningJob) -> tuple[object, ...]:
+    row = ProvisioningJob.objects.get(pk=job.pk)
+    return (row.status, row.step, row.progress, row.last_heartbeat_at, row.updated_at)
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
+def test_a_heartbeat_from_an_old_run_attempt_changes_nothing(backend, prepared):
+    """A re-run of the workflow (run attempt 2) claimed the job: attempt 1, still beating with the
+    same run id at the same step, is refused by the fast path's fence and writes nothing, whether
+    the UPDATE goes as a prepared statement (PostgreSQL) or not."""
+    with override_settings(DATABASE_PREPARED_STATEMENTS=prepared):
+        job = enqueue()
+        first = dispatch(job, backend)
+        rerun = Run(run_id=first.run_id, run_attempt=2)
+        job = services.job_claim(job_id=job.pk, attempt=job.attempt, run=rerun)
+        # The current attempt's beats take the fast path, several times (a prepared statement
+        # is reused from here on).
+        for progress in (10, 20, 30):
+            assert (
+                services.job_heartbeat(job_id=job.pk, run=rerun, step=job.step, progress=progress)
+                is None
+            )
+        before = _heartbeat_columns(job)
+
+        with pytest.raises(FencedOut):
+            services.job_heartbeat(job_id=job.pk, run=first, step=job.step, progress=90)
+        with pytest.raises(FencedOut):
+            services.job_heartbeat(job_id=job.pk, run=first)
+
+        assert _heartbeat_columns(job) == before
+        assert services.job_heartbeat(job_id=job.pk, run=rerun, step=job.step, progress=40) is None
+        assert ProvisioningJob.objects.get(pk=job.pk).progress == 40
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "plain"])
+def test_a_heartbeat_after_the_job_moved_on_changes_nothing(backend, prepared):
+    """The right run and attempt, but the job is no longer provisioning: the status in the fence
+    refuses it."""
+    with override_settings(DATABASE_PREPARED_STATEMENTS=prepared):
+        job, run = claimed(backend)
+        services.job_heartbeat(job_id=job.pk, run=run, step=Step.CONFIGURE, progress=50)
+        services.job_heartbeat(job_id=job.pk, run=run, step=Step.CONFIGURE, progress=60)
+        services.job_complete(job_id=job.pk, run=run, server_id="1", ipv4="10.0.0.1")
+        before = _heartbeat_columns(job)
+
+        with pytest.raises(InvalidTransition):
+            services.job_heartbeat(job_id=job.pk, run=run, step=Step.CONFIGURE, progress=70)
+
+        assert _heartbeat_columns(job) == before
+
+
+@pytest.mark.postgres_only
+def test_the_heartbeat_update_is_prepared_once_and_still_logged(backend):
+    job, run = claimed(backend)
+    prepared_sql = 'UPDATE "provisioning_provisioningjob" SET "last_heartbeat_at"%'
+
+    def prepared_count() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+                [prepared_sql],
+            )
+            return int(cursor.fetchone()[0])
+
+    with CaptureQueriesContext(connection) as queries:
+        for progress in (10, 20, 30):
+            assert (
+                services.job_heartbeat(job_id=job.pk, run=run, step=job.step, progress=progress)
+                is None
+            )
+
+    updates = [q["sql"] for q in queries if q["sql"].startswith("UPDATE")]
+    assert len(updates) == 3
+    # Logged with the values written in, as Django's own queries are (psycopg may write the
+    # UUID with or without dashes).
+    assert all(job.pk.hex in sql.replace("-", "") and "'provisioning'" in sql for sql in updates)
+    assert prepared_count() == 1
+    assert ProvisioningJob.objects.get(pk=job.pk).progress == 30
+
+
+@pytest.mark.postgres_only
+@override_settings(DATABASE_PREPARED_STATEMENTS=False)
+def test_the_heartbeat_update_is_not_prepared_when_turned_off(backend):
+    job, run = claimed(backend)
+    connection.ensure_connection()
+    before = connection.connection.prepare_threshold
+
+    for progress in (10, 20):
+        assert (
+            services.job_heartbeat(job_id=job.pk, run=run, step=job.step, progress=progress) is None
+        )
+
+    assert connection.connection.prepare_threshold == before
+    assert ProvisioningJob.objects.get(pk=job.pk).progress == 20
 
 
 def test_calls_from_an_earlier_attempt_after_a_timeout_are_fenced_out(backend):
