@@ -304,6 +304,11 @@ API_BUDGET_WINDOW_SECONDS = env.int("API_BUDGET_WINDOW_SECONDS", default=3600)
 # more than RUN_FINISH_POLL_SECONDS ago; never longer than RUN_FINISH_GRACE_SECONDS.
 RUN_FINISH_POLL_SECONDS = env.int("RUN_FINISH_POLL_SECONDS", default=30)
 RUN_FINISH_GRACE_SECONDS = env.int("RUN_FINISH_GRACE_SECONDS", default=600)
+# How long a process reuses what it read of recent builds (median build time, Hetzner calls per
+# build) for the in-flight limit and the queue's estimates; 0 reads them on every use (tests).
+LIMITS_REFRESH_SECONDS = env.float(
+    "LIMITS_REFRESH_SECONDS", default=0.0 if TESTING else WORKER_INTERVAL_SECONDS
+)
 # Hetzner API calls one build makes, used until enough builds have reported their own count.
 HETZNER_CALLS_PER_BUILD = env.int("HETZNER_CALLS_PER_BUILD", default=7)
 # How often the customer's agent page polls its status while work is active.

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
+from collections.abc import Callable
 from datetime import datetime
 
 from django.conf import settings
@@ -30,6 +32,30 @@ DEFAULT_BUILD_SECONDS = 600.0
 # How many recent jobs a median is taken over, and how many it needs before it is trusted.
 SAMPLE_SIZE = 50
 MIN_SAMPLES = 5
+
+
+# Recent history, read at most once per LIMITS_REFRESH_SECONDS per process: every dispatch
+# round, agent page and webhook-freed slot asks, and a median of the last 50 builds barely moves
+# in a few seconds. Keyed by what was asked; `now` given explicitly (a test, a replay) bypasses it.
+_recent: dict[tuple[str, str | None], tuple[float, float | None]] = {}
+
+
+def _remembered(key: tuple[str, str | None], read: Callable[[], float | None]) -> float | None:
+    ttl = float(settings.LIMITS_REFRESH_SECONDS)
+    if ttl <= 0:
+        return read()
+    now = time.monotonic()
+    hit = _recent.get(key)
+    if hit is not None and now - hit[0] < ttl:
+        return hit[1]
+    value = read()
+    _recent[key] = (now, value)
+    return value
+
+
+def forget_recent() -> None:
+    """Drop what _remembered holds (tests that change the history and the refresh setting)."""
+    _recent.clear()
 
 
 def _median(values: list[float]) -> float | None:
@@ -61,18 +87,34 @@ def _recent_build_seconds(*, region: str | None, now: datetime) -> float | None:
 def typical_build_seconds(*, region: str | None = None, now: datetime | None = None) -> float:
     """Median duration (claim → complete) of recent successful provision builds: in `region` when
     given and enough builds there finished, else over all regions, else DEFAULT_BUILD_SECONDS."""
-    now = now or timezone.now()
+    if now is None:
+        current = timezone.now()
+
+        def recent(where: str | None) -> float | None:
+            return _remembered(
+                ("build", where), lambda: _recent_build_seconds(region=where, now=current)
+            )
+    else:
+
+        def recent(where: str | None) -> float | None:
+            return _recent_build_seconds(region=where, now=now)
+
     if region is not None:
-        in_region = _recent_build_seconds(region=region, now=now)
+        in_region = recent(region)
         if in_region is not None:
             return in_region
-    overall = _recent_build_seconds(region=None, now=now)
+    overall = recent(None)
     return overall if overall is not None else DEFAULT_BUILD_SECONDS
 
 
 def hetzner_calls_per_build() -> float:
     """Median of the Hetzner calls recent provision builds reported (complete or fail), else
     HETZNER_CALLS_PER_BUILD."""
+    median = _remembered(("hetzner_calls", None), _recent_hetzner_calls)
+    return median if median is not None else float(settings.HETZNER_CALLS_PER_BUILD)
+
+
+def _recent_hetzner_calls() -> float | None:
     reported = (
         ProvisioningJob.objects.filter(
             kind=JobKind.PROVISION,
@@ -82,8 +124,7 @@ def hetzner_calls_per_build() -> float:
         .order_by("-created_at")
         .values_list("hetzner_calls", flat=True)[:SAMPLE_SIZE]
     )
-    median = _median([float(calls) for calls in reported if calls is not None])
-    return median if median is not None else float(settings.HETZNER_CALLS_PER_BUILD)
+    return _median([float(calls) for calls in reported if calls is not None])
 
 
 def hetzner_max_in_flight(*, now: datetime | None = None) -> int | None:

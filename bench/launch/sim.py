@@ -463,6 +463,7 @@ class Outcome:
     settings_seen: dict[str, Any]
     cpu_self: float  # CPU seconds of this process (fakes, runs, customers) during the run
     cpu_children: float  # of the server and the workers
+    cpu_parts: dict[str, float]  # CPU seconds by part: gunicorn, each worker, PostgreSQL
     marks: dict[str, float]  # where the launch began: clocks and counters after the warm-up
 
 
@@ -602,6 +603,7 @@ def simulate(args: argparse.Namespace) -> Outcome:
         }
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         kids0 = tree_cpu_seconds([p.pid for p in stack.procs.values()])
+        parts0 = cpu_by_part(stack)
         load0 = os.getloadavg()[0]
         sampler.start()
         sender = threading.Thread(target=workload.run, name="workload")
@@ -614,6 +616,7 @@ def simulate(args: argparse.Namespace) -> Outcome:
         sampler.stop()
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         kids1 = tree_cpu_seconds([p.pid for p in stack.procs.values()])
+        parts1 = cpu_by_part(stack)
         load1 = os.getloadavg()[0]
         stack.stop()
         github.wait_players(timeout=20)
@@ -648,7 +651,26 @@ def simulate(args: argparse.Namespace) -> Outcome:
         cpu_self=cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
         cpu_children=kids1 - kids0,
         marks={**marks, "load_start": load0, "load_end": load1},
+        cpu_parts={k: parts1.get(k, 0.0) - parts0.get(k, 0.0) for k in parts1},
     )
+
+
+def cpu_by_part(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of each stack process's tree, and of every PostgreSQL process (the
+    whole cluster's: nothing else uses it here while the simulation runs)."""
+    parts = {name: tree_cpu_seconds([proc.pid]) for name, proc in stack.procs.items()}
+    tick = os.sysconf("SC_CLK_TCK")
+    postgres = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, tail = stat.read_text().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        if head.split("(", 1)[-1].startswith("postgres"):
+            fields = tail.split()
+            postgres += (int(fields[11]) + int(fields[12])) / tick
+    parts["postgresql"] = postgres
+    return parts
 
 
 def tree_cpu_seconds(roots: list[int]) -> float:
@@ -842,6 +864,11 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
             f"{o.wall_seconds:.0f} s / {o.cpu_self:.0f} s; {o.cpu_children:.0f} s / "
             f"{o.marks.get('load_start', 0):.1f} → {o.marks.get('load_end', 0):.1f} / "
             f"{o.server_errors}" + (f"; player errors {len(gh.errors)}" if gh.errors else ""),
+            "",
+        ),
+        (
+            "CPU seconds by part",
+            ", ".join(f"{k} {v:.0f}" for k, v in sorted(o.cpu_parts.items())),
             "",
         ),
     ]

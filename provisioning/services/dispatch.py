@@ -140,6 +140,11 @@ def _take_due(*, now: datetime, capacity: int) -> tuple[ProvisioningJob, object]
             .first()
         )
         if job is None:
+            # Full already (most ticks on launch day): say so without queueing for the lock,
+            # which the dispatcher freeing a slot needs. A count below capacity is taken again
+            # under the lock before anything is taken.
+            if selectors.job_count_in_flight(now=now) >= capacity:
+                return None
             _serialize_dispatchers()
             if selectors.job_count_in_flight(now=now) >= capacity:
                 return None

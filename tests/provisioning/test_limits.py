@@ -97,3 +97,29 @@ def test_a_deprovision_is_first_in_line():
     assert JobKind.DEPROVISION < JobKind.PROVISION  # the order the index serves
     assert selectors.job_queue_position(job=ending) == 1
     assert selectors.job_queue_position(job=build) == 2
+
+
+def test_recent_history_is_read_once_per_refresh_interval(settings, django_assert_num_queries):
+    settings.LIMITS_REFRESH_SECONDS = 60
+    limits.forget_recent()
+    try:
+        limits.effective_max_in_flight()  # reads the builds and the Hetzner calls once
+        with django_assert_num_queries(0):
+            limits.effective_max_in_flight()
+            limits.typical_build_seconds()
+        with django_assert_num_queries(1):  # a moment given explicitly is always read
+            limits.typical_build_seconds(now=timezone.now())
+        limits.forget_recent()
+        with django_assert_num_queries(2):
+            limits.effective_max_in_flight()
+    finally:
+        limits.forget_recent()
+
+
+def test_without_a_refresh_interval_every_use_reads_the_history(
+    settings, django_assert_num_queries
+):
+    settings.LIMITS_REFRESH_SECONDS = 0
+    limits.effective_max_in_flight()
+    with django_assert_num_queries(2):
+        limits.effective_max_in_flight()
