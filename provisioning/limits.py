@@ -36,7 +36,8 @@ MIN_SAMPLES = 5
 
 # Recent history, read at most once per LIMITS_REFRESH_SECONDS per process: every dispatch
 # round, agent page and webhook-freed slot asks, and a median of the last 50 builds barely moves
-# in a few seconds. Keyed by what was asked; `now` given explicitly (a test, a replay) bypasses it.
+# in a few seconds. Keyed by what was asked; a `now` other than the present (a test, a replay)
+# bypasses it.
 _recent: dict[tuple[str, str | None], tuple[float, float | None]] = {}
 
 
@@ -87,8 +88,8 @@ def _recent_build_seconds(*, region: str | None, now: datetime) -> float | None:
 def typical_build_seconds(*, region: str | None = None, now: datetime | None = None) -> float:
     """Median duration (claim → complete) of recent successful provision builds: in `region` when
     given and enough builds there finished, else over all regions, else DEFAULT_BUILD_SECONDS."""
-    if now is None:
-        current = timezone.now()
+    current = timezone.now()
+    if now is None or abs((current - now).total_seconds()) < 1.0:  # asked about the present
 
         def recent(where: str | None) -> float | None:
             return _remembered(

@@ -342,6 +342,8 @@ def job_send_cleanup(*, backend: RunnerBackend | None = None, limit: int = 20) -
     A cleanup run counts against the in-flight limit like any other run (taken under the same
     lock and count as dispatch); beyond it, cleanups wait their turn.
     """
+    if not selectors.job_list_cleanup_due().exists():
+        return 0  # the usual tick: nothing owed, so no lock, no count, no budget read
     backend = backend or backends.get_backend()
     capacity = limits.effective_max_in_flight()
     sent = 0

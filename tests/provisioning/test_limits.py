@@ -107,8 +107,10 @@ def test_recent_history_is_read_once_per_refresh_interval(settings, django_asser
         with django_assert_num_queries(0):
             limits.effective_max_in_flight()
             limits.typical_build_seconds()
-        with django_assert_num_queries(1):  # a moment given explicitly is always read
+        with django_assert_num_queries(0):  # the present, given explicitly
             limits.typical_build_seconds(now=timezone.now())
+        with django_assert_num_queries(1):  # another moment is always read
+            limits.typical_build_seconds(now=timezone.now() - timedelta(hours=1))
         limits.forget_recent()
         with django_assert_num_queries(2):
             limits.effective_max_in_flight()
