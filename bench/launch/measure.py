@@ -6,6 +6,7 @@ multiplying with the time factor.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import defaultdict
@@ -102,6 +103,21 @@ def run_seconds(runs: Iterable[Any]) -> list[float]:
         and r.started_mono
         and r.completed_mono
     ]
+
+
+def handoff_seconds(runs: Iterable[Any]) -> list[float]:
+    """For each run that ended while more runs were still to be dispatched: the time from its
+    end to the next dispatch GitHub received (monotonic seconds). With every slot busy and jobs
+    waiting, that is how long a freed runner stays without work, less GitHub's own start."""
+    ends = sorted(r.completed_mono for r in runs if r.completed_mono)
+    sent = sorted(r.dispatched_mono for r in runs)
+    out = []
+    for end in ends:
+        i = bisect.bisect_left(sent, end)
+        if i == len(sent):
+            break
+        out.append(sent[i] - end)
+    return out
 
 
 def attempt_seconds(jobs: Iterable[JobTimes]) -> list[float]:

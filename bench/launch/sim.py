@@ -746,6 +746,7 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     provision_runs = o.player.played.get("provision", 0) - int(o.marks.get("provision_runs", 0))
     per_build = len(h_calls) / provision_runs if provision_runs else math.nan
     waits = [r.started_mono - r.dispatched_mono for r in launch_runs if r.started_mono]
+    handoffs = measure.handoff_seconds(launch_runs)
     shift = o.marks.get("epoch_minus_mono", 0.0)
     util = (
         o.sampler.utilization(t_start - shift, max(running_times) - shift, a.capacity)
@@ -837,6 +838,12 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
         ),
         ("runner slots busy while draining (mean)", f"{measure.fmt(util * 100, 0)} %", ""),
         (
+            "a slot handed on: a run's end → the next dispatch reaches GitHub, p50 / p90",
+            f"{measure.median(handoffs) * f:.1f} s / {_p90(handoffs) * f:.1f} s sim "
+            f"({measure.median(handoffs) * 1000:.0f} ms wall; webhook, then dispatch)",
+            "",
+        ),
+        (
             "GitHub API calls, busiest sim hour",
             f"{gh_peak} of {len(gh_calls)} ({dict(by_route)}); 304s {gh_304}",
             f"≤ {budget}",
@@ -887,6 +894,10 @@ def figures(o: Outcome) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
         "eta_error": measure.fmt(eta),
     }
     return rows, last
+
+
+def _p90(values: list[float]) -> float:
+    return sorted(values)[int(len(values) * 0.9)] if values else math.nan
 
 
 def _p95(values: list[float]) -> float:

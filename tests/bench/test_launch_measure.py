@@ -12,6 +12,7 @@ from bench.launch.measure import (
     busiest_window,
     eta_errors,
     floor_seconds,
+    handoff_seconds,
     inversions,
     run_seconds,
 )
@@ -99,3 +100,15 @@ def test_run_seconds_take_successful_provision_runs_from_start_to_end():
         Run(mode="provision", conclusion="success", started_mono=20.0, completed_mono=22.0),
     ]
     assert run_seconds(runs) == [3.5, 2.0]
+
+
+def test_handoff_seconds_pair_each_end_with_the_next_dispatch():
+    from types import SimpleNamespace as Run
+
+    runs = [
+        Run(dispatched_mono=0.0, completed_mono=10.0),
+        Run(dispatched_mono=0.5, completed_mono=12.0),
+        Run(dispatched_mono=10.25, completed_mono=20.0),
+        Run(dispatched_mono=12.5, completed_mono=None),
+    ]
+    assert handoff_seconds(runs) == [0.25, 0.5]  # the run ending at 20 had no successor
