@@ -184,25 +184,40 @@ def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
 
 def job_count_in_flight(*, now: datetime) -> int:
     """How many runs are in flight: job_list_in_flight's three index-served counts, plus the runs
-    that have reported and are still finishing at GitHub (run_count_finishing)."""
+    that have reported and are still finishing at GitHub (run_count_finishing), in one query."""
     cleanup_window = _cleanup_window(now)
-    dispatched = ProvisioningJob.objects.filter(
-        status=JobStatus.QUEUED, dispatched_at__isnull=False
-    ).count()
-    building = ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING).count()
-    cleaning = ProvisioningJob.objects.filter(
-        status=JobStatus.FAILED,
-        cleanup_dispatched_at__isnull=False,
-        cleanup_dispatched_at__gt=cleanup_window,
-    ).count()
-    return dispatched + building + cleaning + run_count_finishing(now=now)
+    parts: list[QuerySet[Any]] = [
+        ProvisioningJob.objects.filter(status=JobStatus.QUEUED, dispatched_at__isnull=False),
+        ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING),
+        ProvisioningJob.objects.filter(
+            status=JobStatus.FAILED,
+            cleanup_dispatched_at__isnull=False,
+            cleanup_dispatched_at__gt=cleanup_window,
+        ),
+        _finishing(now),
+    ]
+    # One round trip (each count keeps its own partial index): the dispatcher asks this twice
+    # per take, once of them holding the dispatch lock.
+    counts, params = [], []
+    for part in parts:
+        sql, part_params = part.order_by().values("pk").query.sql_with_params()
+        counts.append(f"(SELECT COUNT(*) FROM ({sql}) AS part)")
+        params.extend(part_params)
+    with connections[ProvisioningJob.objects.db].cursor() as cursor:
+        cursor.execute("SELECT " + " + ".join(counts), params)
+        row = cursor.fetchone()
+    return int(row[0]) if row else 0
 
 
 def run_count_finishing(*, now: datetime) -> int:
     """Runs that have reported but that GitHub may still be running (services/finishing.py): each
     keeps its runner slot until GitHub says it ended, or RUN_FINISH_GRACE_SECONDS at most."""
+    return _finishing(now).count()
+
+
+def _finishing(now: datetime) -> QuerySet[FinishingRun]:
     since = now - timedelta(seconds=settings.RUN_FINISH_GRACE_SECONDS)
-    return FinishingRun.objects.filter(reported_at__gt=since).count()
+    return FinishingRun.objects.filter(reported_at__gt=since)
 
 
 def job_list_held_by_runner() -> QuerySet[ProvisioningJob]:
