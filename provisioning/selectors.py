@@ -202,10 +202,10 @@ def job_count_in_flight(*, now: datetime) -> int:
     params: list[Any] = []
     for part in parts:
         sql, part_params = part.order_by().values("pk").query.sql_with_params()
-        counts.append(f"(SELECT COUNT(*) FROM ({sql}) AS part)")
+        counts.append(f"(SELECT COUNT(*) FROM ({sql}) AS part)")  # noqa: S608 (ORM-compiled SQL)
         params.extend(part_params)
     with connections[ProvisioningJob.objects.db].cursor() as cursor:
-        cursor.execute("SELECT " + " + ".join(counts), params)  # noqa: S608 (ORM-compiled SQL)
+        cursor.execute("SELECT " + " + ".join(counts), params)
         row = cursor.fetchone()
     return int(row[0]) if row else 0
 
