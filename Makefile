@@ -66,7 +66,7 @@ reliability: install
 
 ## make launch: launch day simulated (1,000 orders, 20 runner slots, GitHub and Hetzner budgets) against
 ## the real server and workers on PostgreSQL; prints one table. Its own database, dropped and recreated:
-## LAUNCH_DATABASE_URL (default below). LAUNCH_ARGS: e.g. --factor 60 --orders 1000 --record
+## LAUNCH_DATABASE_URL (default below). LAUNCH_ARGS: e.g. --factor 40 --orders 1000 --record
 launch: install
 	LAUNCH_DATABASE_URL="$${LAUNCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/agent_provisioning_launch}" \
 	  $(TEST_ENV) $(PY) -m bench.launch $(LAUNCH_ARGS)

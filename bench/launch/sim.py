@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--orders", type=int, default=1000, help="paid orders (N)")
     p.add_argument("--customers", type=int, default=600, help="customers (M)")
     p.add_argument("--capacity", type=int, default=20, help="GitHub runner slots (C)")
-    p.add_argument("--factor", type=float, default=60.0, help="time compression (F)")
+    p.add_argument("--factor", type=float, default=40.0, help="time compression (F)")
     p.add_argument(
         "--step-seconds",
         type=float,
@@ -976,8 +976,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # This process plays every runner (~20 threads), the fakes' servers and the webhook senders,
     # nearly all waiting on sockets. With the interpreter's default 5 ms switch interval a thread
-    # whose answer has arrived can wait that long for the GIL, and at F = 60 each wall
-    # millisecond is 60 simulated ones: a delay of the harness, not of the service.
+    # whose answer has arrived can wait that long for the GIL, and at F = 40 each wall
+    # millisecond is 40 simulated ones: a delay of the harness, not of the service.
     sys.setswitchinterval(0.0005)
     outcome = simulate(args)
     rows, last = figures(outcome)
