@@ -122,13 +122,54 @@ def insert_new(*rows: models.Model) -> None:
         for row in rows:
             row.save(force_insert=True)
         return
+    sql, fields_per_row = _insert_statement(tuple(type(row) for row in rows))
+    params: list[Any] = []
+    for row, fields in zip(rows, fields_per_row, strict=True):
+        # What the INSERT compiler does per field: pre_save (auto_now and the like), then the
+        # database value.
+        params.extend(f.get_db_prep_save(f.pre_save(row, True), connection) for f in fields)
+    if any(hasattr(value, "resolve_expression") for value in params):
+        _insert_compiled(rows)  # an expression needs the compiler's own SQL
+    else:
+        db = connections[DEFAULT_DB_ALIAS]
+        prepared = settings.DATABASE_PREPARED_STATEMENTS
+        with _prepared_cursor(db) if prepared else db.cursor() as cursor:
+            cursor.execute(sql, params)
+    for row in rows:
+        row._state.adding, row._state.db = False, connection.alias
+
+
+def _insert_fields(model: type[models.Model]) -> tuple[Field[Any, Any], ...]:
+    meta = model._meta
+    return tuple(f for f in meta.local_concrete_fields if f is not meta.auto_field)
+
+
+@functools.cache
+def _insert_statement(
+    kinds: tuple[type[models.Model], ...],
+) -> tuple[str, tuple[tuple[Field[Any, Any], ...], ...]]:
+    """The one statement inserting one row of each model, in order (data-modifying CTEs), and
+    the fields whose values it takes: made once per process, so each call only binds values (and,
+    prepared, PostgreSQL plans it once per connection)."""
+    statements = []
+    for model in kinds:
+        fields = _insert_fields(model)
+        columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+        values = ", ".join(["%s"] * len(fields))
+        table = connection.ops.quote_name(model._meta.db_table)
+        statements.append(f"INSERT INTO {table} ({columns}) VALUES ({values})")  # noqa: S608
+    *first, last = statements
+    ctes = ", ".join(f"row_{i} AS ({sql})" for i, sql in enumerate(first))
+    return (f"WITH {ctes} {last}" if ctes else last), tuple(_insert_fields(m) for m in kinds)
+
+
+def _insert_compiled(rows: tuple[models.Model, ...]) -> None:
+    """insert_new through Django's INSERT compiler (values that are expressions)."""
     statements: list[str] = []
     params: list[Any] = []
     for row in rows:
-        meta = row._meta
-        fields = [f for f in meta.local_concrete_fields if f is not meta.auto_field]
         query = InsertQuery(type(row))
-        query.insert_values(fields, [row])
+        query.insert_values(list(_insert_fields(type(row))), [row])
         [(sql, values)] = query.get_compiler(connection=connection).as_sql()
         statements.append(sql)
         params.extend(values)
@@ -136,8 +177,6 @@ def insert_new(*rows: models.Model) -> None:
     ctes = ", ".join(f"row_{i} AS ({sql})" for i, sql in enumerate(first))
     with connection.cursor() as cursor:
         cursor.execute(f"WITH {ctes} {last}" if ctes else last, params)
-    for row in rows:
-        row._state.adding, row._state.db = False, connection.alias
 
 
 # --- the run's calls -------------------------------------------------------------------------
