@@ -2,9 +2,10 @@
 
 What the service needs from them: the moment a run of our workflow has ended, because only then
 is its runner free (services/finishing.py). GitHub sends `workflow_run` with action `completed`
-when a run ends, and `workflow_job` with action `completed` when its job does; either frees the
-slot the run kept after reporting. Every other event (and `ping`) is answered 200 and ignored: a
-non-2xx answer would count as a failed delivery on the App's page.
+when a run ends, and `workflow_job` with action `completed` when its job does (a job skipped
+without a runner excepted); either frees the slot the run kept after reporting. Every other
+event (and `ping`) is answered 200 and ignored: a non-2xx answer would count as a failed delivery
+on the App's page.
 
 Deliveries are signed: `X-Hub-Signature-256: sha256=<HMAC-SHA256 of the raw body, keyed with the
 App's webhook secret>` (GITHUB_WEBHOOK_SECRET). Without the secret configured the endpoint does
@@ -80,6 +81,11 @@ class GitHubWebhookView(View):
             )
         holder, key = RUN_ID_FIELD[event]
         described = payload.get(holder)
+        skipped = isinstance(described, dict) and described.get("conclusion") == "skipped"
+        if event == "workflow_job" and skipped:
+            # Our workflow's other job (the scheduled reaper's) is skipped in every dispatched
+            # run: it never had a runner, and the run goes on.
+            return _answer(200, "Ignored: a skipped job ran on no runner.", "ignored")
         run_id = described.get(key) if isinstance(described, dict) else None
         if (
             isinstance(run_id, bool)

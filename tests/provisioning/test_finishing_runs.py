@@ -223,6 +223,19 @@ def test_other_events_are_acknowledged_and_ignored(
     assert FinishingRun.objects.filter(run_id=run.run_id).exists()
 
 
+def test_a_skipped_job_of_the_run_does_not_free_its_slot(fake_github, client, webhook_secret):
+    _, run = built(fake_github)
+    payload = {
+        "action": "completed",
+        "workflow_job": {"run_id": int(run.run_id), "name": "reap", "conclusion": "skipped"},
+        "repository": {"full_name": fake_github.repository},
+    }
+    answer = deliver(client, payload, event="workflow_job")
+    assert answer.status_code == 200
+    assert answer.json()["code"] == "ignored"
+    assert FinishingRun.objects.filter(run_id=run.run_id).exists()
+
+
 def test_a_ping_is_answered(client, webhook_secret):
     answer = deliver(client, {"zen": "Keep it logically awesome.", "hook_id": 1}, event="ping")
     assert answer.status_code == 200
