@@ -9,7 +9,7 @@ why.
   operator    job_cancel, job_retry, job_redispatch, job_force_timeout
   lifecycle   agent_end
   reconcile   job_reconcile_runs
-  finishing   run_finishing_record, run_finished_release, runs_finished_poll (a reported run's
+  finishing   run_finished_release, runs_finished_poll (a reported run's
               runner slot stays taken until GitHub says the run ended)
   alerts      operator_alerts_send (a job failed for good: email, optional webhook)
   capacity    capacity_hold_place, capacity_hold_lift (Hetzner's server limit)
@@ -45,7 +45,6 @@ from provisioning.services.enqueue import (
 )
 from provisioning.services.finishing import (
     run_finished_release,
-    run_finishing_record,
     runs_finished_poll,
 )
 from provisioning.services.lifecycle import agent_end
@@ -83,6 +82,5 @@ __all__ = [
     "job_timeout_stale",
     "operator_alerts_send",
     "run_finished_release",
-    "run_finishing_record",
     "runs_finished_poll",
 ]

@@ -35,12 +35,12 @@ from provisioning.services.common import (
     fence_refusal,
     fenced,
     fenced_touch,
+    finishing_runs_record,
     job_or_run_refusal,
     record_move,
     spend_token,
 )
 from provisioning.services.dispatch import dispatch_soon
-from provisioning.services.finishing import holds_runner_after_report, run_finishing_record
 from provisioning.state import (
     CAPACITY_REQUEUE,
     CLAIM,
@@ -264,9 +264,7 @@ def _slot_after_report(job_id: UUID | str, run: RunRef, *, now: datetime) -> Non
     """The reporting run's runner slot: on GitHub the run goes on after its report (its last
     steps), so the slot stays taken until GitHub says the run ended (services/finishing.py);
     a run that ends with its report frees it now, and the next job is dispatched at commit."""
-    if holds_runner_after_report():
-        run_finishing_record(job_id=job_id, run_id=run.run_id, now=now)
-    else:
+    if not finishing_runs_record([(run.run_id, job_id)], now=now):
         dispatch_soon(limit=1)
 
 

@@ -368,15 +368,20 @@ def after_commit(fn: Callable[[], Any]) -> None:
     transaction.on_commit(guarded)
 
 
-def finishing_runs_record(runs: list[tuple[str, UUID | str]], *, now: datetime) -> None:
+def finishing_runs_record(runs: list[tuple[str, UUID | str]], *, now: datetime) -> bool:
     """(run id, job id) pairs whose runs have reported or are being cancelled: on a backend whose
-    runs keep their runner until they end (GitHub), each keeps its slot until GitHub says it
-    ended (services/finishing.py). One INSERT; a run recorded already is left as it was."""
-    if runs and getattr(backends.get_backend(), "holds_runner_after_report", False):
+    runs keep their runner until they end (GitHub: `holds_runner_after_report`), each keeps its
+    slot until GitHub says it ended (services/finishing.py). One INSERT; a run recorded already
+    is left as it was. False when the backend's runs end with their report: nothing recorded,
+    their slots are free now."""
+    if not getattr(backends.get_backend(), "holds_runner_after_report", False):
+        return False
+    if runs:
         FinishingRun.objects.bulk_create(
             [FinishingRun(run_id=run, job_id=job, reported_at=now) for run, job in runs],
             ignore_conflicts=True,
         )
+    return True
 
 
 def cancel_run_later(run_id: str | None, *, job_id: UUID | str | None = None) -> None:

@@ -5,7 +5,7 @@ deletes the VM it made; GitHub then tidies the runner up), and until the run end
 that runner busy: a run dispatched into the slot the moment the report commits waits in GitHub's
 queue, and GitHub's own count of the account's concurrent jobs is over PROVISIONING_MAX_IN_FLIGHT.
 So with a backend that runs on such runners (`holds_runner_after_report`: GitHub), the report
-records a FinishingRun, which the dispatcher counts as in flight (selectors.run_count_finishing),
+records a FinishingRun (services.common.finishing_runs_record), which the dispatcher counts as in flight (selectors.run_count_finishing),
 and the slot is handed on only when GitHub says the run completed:
 
 - GitHub's `workflow_run` (or `workflow_job`) webhook with action `completed` (api/github_webhook.py):
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from uuid import UUID
 
 from django.conf import settings
 from django.utils import timezone
@@ -35,23 +34,9 @@ from provisioning import backends
 from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend
 from provisioning.models import FinishingRun
 from provisioning.services.budget import api_budget_wait
-from provisioning.services.common import finishing_runs_record
 from provisioning.services.dispatch import dispatch_soon
 
 logger = logging.getLogger(__name__)
-
-
-def holds_runner_after_report(backend: RunnerBackend | None = None) -> bool:
-    """Does this backend's run keep its runner (and its place in GitHub's count) for a while after
-    the run reports?"""
-    backend = backend or backends.get_backend()
-    return bool(getattr(backend, "holds_runner_after_report", False))
-
-
-def run_finishing_record(*, job_id: UUID | str, run_id: str, now: datetime) -> None:
-    """Inside the report's transaction: the run `run_id` has reported and is finishing; its slot
-    stays taken until it ends. A repeat (the same run reporting again) changes nothing."""
-    finishing_runs_record([(run_id, job_id)], now=now)
 
 
 def run_finished_release(*, run_id: str, source: str) -> bool:
