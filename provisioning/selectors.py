@@ -216,9 +216,13 @@ def run_count_finishing(*, now: datetime) -> int:
     return _finishing(now).count()
 
 
+def run_finishing_since(*, now: datetime) -> datetime:
+    """Runs reported after this still hold a slot; earlier ones are past RUN_FINISH_GRACE_SECONDS."""
+    return now - timedelta(seconds=settings.RUN_FINISH_GRACE_SECONDS)
+
+
 def _finishing(now: datetime) -> QuerySet[FinishingRun]:
-    since = now - timedelta(seconds=settings.RUN_FINISH_GRACE_SECONDS)
-    return FinishingRun.objects.filter(reported_at__gt=since)
+    return FinishingRun.objects.filter(reported_at__gt=run_finishing_since(now=now))
 
 
 def job_list_held_by_runner() -> QuerySet[ProvisioningJob]:

@@ -158,9 +158,14 @@ def _insert_statement(
         values = ", ".join(["%s"] * len(fields))
         table = connection.ops.quote_name(model._meta.db_table)
         statements.append(f"INSERT INTO {table} ({columns}) VALUES ({values})")  # noqa: S608
-    *first, last = statements
+    return _one_statement(statements), tuple(_insert_fields(m) for m in kinds)
+
+
+def _one_statement(inserts: list[str]) -> str:
+    """INSERTs as one statement: all but the last as data-modifying CTEs."""
+    *first, last = inserts
     ctes = ", ".join(f"row_{i} AS ({sql})" for i, sql in enumerate(first))
-    return (f"WITH {ctes} {last}" if ctes else last), tuple(_insert_fields(m) for m in kinds)
+    return f"WITH {ctes} {last}" if ctes else last
 
 
 def _insert_compiled(rows: tuple[models.Model, ...]) -> None:
@@ -173,10 +178,8 @@ def _insert_compiled(rows: tuple[models.Model, ...]) -> None:
         [(sql, values)] = query.get_compiler(connection=connection).as_sql()
         statements.append(sql)
         params.extend(values)
-    *first, last = statements
-    ctes = ", ".join(f"row_{i} AS ({sql})" for i, sql in enumerate(first))
     with connection.cursor() as cursor:
-        cursor.execute(f"WITH {ctes} {last}" if ctes else last, params)
+        cursor.execute(_one_statement(statements), params)
 
 
 # --- the run's calls -------------------------------------------------------------------------

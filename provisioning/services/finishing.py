@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from provisioning import backends
+from provisioning import backends, selectors
 from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend
 from provisioning.models import FinishingRun
 from provisioning.services.budget import api_budget_wait
@@ -55,7 +55,8 @@ def runs_finished_poll(*, backend: RunnerBackend | None = None, now: datetime | 
     should have announced by then. Returns how many slots were freed."""
     backend = backend or backends.get_backend()
     now = now or timezone.now()
-    expired, _ = FinishingRun.objects.filter(reported_at__lte=grace_cutoff(now)).delete()
+    since = selectors.run_finishing_since(now=now)
+    expired, _ = FinishingRun.objects.filter(reported_at__lte=since).delete()
     if expired:
         logger.warning(
             "%d finishing run(s) not heard of for RUN_FINISH_GRACE_SECONDS: slots freed anyway",
@@ -68,6 +69,8 @@ def runs_finished_poll(*, backend: RunnerBackend | None = None, now: datetime | 
         .values_list("run_id", flat=True)
     )
     freed = 0
+    # Rows exist only for backends whose runs outlive their report (GitHub), which can list its
+    # runs; a backend that cannot is left to the grace bound.
     if overdue and isinstance(backend, RunLister):
         if getattr(backend, "shared_budget", False) and api_budget_wait(now=now) > 0:
             return expired  # no request to spare: the grace bound frees them if this lasts
@@ -81,22 +84,4 @@ def runs_finished_poll(*, backend: RunnerBackend | None = None, now: datetime | 
         if gone:
             freed, _ = FinishingRun.objects.filter(run_id__in=gone).delete()
             logger.info("%d finished run(s) found by listing (their webhook was missed)", freed)
-    elif overdue:
-        # A backend that cannot list: ask about each run (None: unknown, so not running).
-        gone = []
-        for run_id in overdue:
-            try:
-                status = backend.get_run(run_id=run_id)
-            except Exception as exc:
-                logger.warning("finishing runs: could not read run %s: %s", run_id, exc)
-                break
-            if status is None or status.is_finished:
-                gone.append(run_id)
-        if gone:
-            freed, _ = FinishingRun.objects.filter(run_id__in=gone).delete()
     return freed + expired  # the worker's dispatch duty, next in the same tick, uses them
-
-
-def grace_cutoff(now: datetime) -> datetime:
-    """Rows reported at or before this no longer hold a slot."""
-    return now - timedelta(seconds=settings.RUN_FINISH_GRACE_SECONDS)
