@@ -13,6 +13,8 @@ the number `i` their ids are made from) keep each measurement's rows apart:
   Q  queued, dispatched a moment ago (not due)        users 12001..13000
   D  due jobs for the dispatch race (then deleted)    one per user, users 13001..
   E  agents without jobs, consumed by enqueue         users 15001..20000
+  U  queued, dispatched and not claimed (GitHub still  users 1..10000, older than every D job
+     holds their runs), for the due query; deleted after
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ S_LO, S_N = 3_000_001, 10_000
 Q_LO, Q_N = 4_000_001, 1_000
 D_LO = 5_000_001
 E_LO = 6_000_001
+U_LO, U_N = 7_000_001, 10_000
 
 JOB_COLUMNS = (
     "id, stripe_event_id, status, region, workflow_run_id, retry_count, max_retries, error, "
@@ -88,6 +91,7 @@ def gen_jobs(conn: psycopg.Connection, lo: int, hi: int, kind: str) -> None:
         "S": f"(i - {S_LO} + 1)",
         "Q": f"12000 + (i - {Q_LO} + 1)",
         "D": f"13000 + (i - {D_LO} + 1)",
+        "U": f"(i - {U_LO} + 1)",
     }[kind]
     cols = {
         "A": (
@@ -125,8 +129,16 @@ def gen_jobs(conn: psycopg.Connection, lo: int, hi: int, kind: str) -> None:
         ),
         "Q": ("'queued'", "NULL", "NULL", "NULL", "'run-' || i", "NULL", "''", "NULL", "now()"),
         "D": ("'queued'", "NULL", "NULL", "NULL", "NULL", "NULL", "''", "NULL", "NULL"),
+        "U": ("'queued'", "NULL", "NULL", "NULL", "'run-' || i", "NULL", "''", "NULL", "now()"),
     }[kind]
     status, claimed, beat, completed, run_id, run_attempt, step, progress, dispatched = cols
+    # Paid earlier than every other set (D's oldest is ~3.2 years old): a walk in paid order
+    # that did not leave them out would pass all of them before the first due job.
+    ts = (
+        f"now() - interval '6 years' + (i - {U_LO}) * interval '1 second'"
+        if kind == "U"
+        else "now() - ((5000000 - mod(i, 5000000)) * interval '20 seconds')"
+    )
     gen_agents(conn, lo, hi, user)
     _sql(
         conn,
@@ -134,8 +146,7 @@ def gen_jobs(conn: psycopg.Connection, lo: int, hi: int, kind: str) -> None:
         f"SELECT md5('job-' || i)::uuid, 'evt_bench_' || i, {status}, 'us-east', {run_id}, 0, 3, "
         f"'', '', {claimed}, {beat}, {completed}, ts, ts, 'provision', 1, {run_attempt}, {step}, "
         f"{progress}, NULL, {dispatched}, NULL, md5('agent-' || i)::uuid, {user} "
-        "FROM (SELECT i, now() - ((5000000 - mod(i, 5000000)) * interval '20 seconds') AS ts "
-        "FROM generate_series(%s::int, %s::int) i) s",
+        f"FROM (SELECT i, {ts} AS ts FROM generate_series(%s::int, %s::int) i) s",
         (lo, hi),
     )
     _sql(
@@ -293,6 +304,56 @@ def status_read_service(jobs: list[tuple[uuid.UUID, str, uuid.UUID]], n: int) ->
         services.job_timeout_if_stale(job_id=job.pk)
 
     return common.per_op(one, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch's due query, with and without runs waiting in GitHub's queue
+
+
+def due_query(n: int) -> float:
+    """Seconds per call of the query each dispatch runs for new work (selectors.job_list_due,
+    the first row, locked SKIP LOCKED as _take_due locks it), in its own transaction. The
+    median of three rounds of n calls."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    from provisioning import selectors
+
+    def one(_: int) -> None:
+        with transaction.atomic():
+            job = (
+                selectors.job_list_due(now=timezone.now())
+                .select_for_update(skip_locked=True, of=("self",))
+                .first()
+            )
+        assert job is not None and job.dispatched_at is None
+
+    one(0)
+    return common.median([common.per_op(one, n) for _ in range(3)])
+
+
+def due_plan() -> str:
+    from django.utils import timezone
+
+    from provisioning import selectors
+
+    qs = selectors.job_list_due(now=timezone.now()).values_list("pk", flat=True)[:1]
+    return qs.explain(analyze=True, buffers=True)
+
+
+def delete_set(conn: psycopg.Connection, lo: int, hi: int) -> None:
+    """A generated set's jobs and their events (the agents stay, without jobs)."""
+    for table, column in (
+        ("provisioning_jobevent", "job_id"),
+        ("provisioning_provisioningjob", "id"),
+    ):
+        _sql(
+            conn,
+            f"DELETE FROM {table} WHERE {column} IN (SELECT md5('job-' || i)::uuid "
+            "FROM generate_series(%s::int, %s::int) i)",
+            (lo, hi),
+        )
+    conn.commit()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,6 +710,38 @@ def run(
     gen_jobs(conn, D_LO, D_LO + dispatch_jobs - 1, "D")
     conn.commit()
     analyze(conn)  # as autovacuum would after this many new rows
+
+    # -- the due query: none dispatched, then U_N dispatched and unclaimed, paid before them ---
+    due_alone = due_query(ops)
+    gen_jobs(conn, U_LO, U_LO + U_N - 1, "U")
+    analyze(conn)
+    due_behind = due_query(ops)
+    if do_profile:
+        profiles[f"due query (300 calls, {U_N:,} dispatched-unclaimed)"] = profile(
+            lambda: due_query(100)
+        )
+    notes.append(
+        f"due query with {U_N:,} dispatched-unclaimed jobs paid before every due one "
+        "(EXPLAIN ANALYZE, BUFFERS):\n```\n" + due_plan() + "\n```"
+    )
+    log(
+        f"  due query: {due_alone * 1000:.3f} ms with none dispatched, "
+        f"{due_behind * 1000:.3f} ms with {U_N:,} dispatched-unclaimed"
+    )
+    rows.append(
+        Row(
+            f"dispatch's due query with {U_N:,} dispatched-unclaimed jobs",
+            due_behind * 1000,
+            "ms",
+            "same with none dispatched",
+            due_alone * 1000,
+            higher_is_better=False,
+            ratio_override=f"{due_behind / due_alone:.2f} (growth)",
+        )
+    )
+    delete_set(conn, U_LO, U_LO + U_N - 1)  # they would fill every slot of the race below
+    analyze(conn)
+
     service = race(_service_dispatcher)
     _sql(
         conn,
@@ -710,19 +803,7 @@ def run(
             lambda: [services.job_dispatch_next(backend=backend) for _ in range(300)]
         )
         profiles["enqueue (300 calls)"] = profile(lambda: enqueue_service(pool, conn, 300))
-    _sql(
-        conn,
-        "DELETE FROM provisioning_jobevent WHERE job_id IN (SELECT md5('job-' || i)::uuid FROM "
-        "generate_series(%s::int, %s::int) i)",
-        (D_LO, D_LO + dispatch_jobs - 1),
-    )
-    _sql(
-        conn,
-        "DELETE FROM provisioning_provisioningjob WHERE id IN (SELECT md5('job-' || i)::uuid FROM "
-        "generate_series(%s::int, %s::int) i)",
-        (D_LO, D_LO + dispatch_jobs - 1),
-    )
-    conn.commit()
+    delete_set(conn, D_LO, D_LO + dispatch_jobs - 1)
 
     # -- grow to 1M ---------------------------------------------------------------------------
     t = time.perf_counter()
