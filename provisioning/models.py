@@ -189,12 +189,16 @@ class Agent(models.Model):
 class ProvisioningJob(models.Model):
     # --- what every job has: its agent and customer, state, run, retries and timestamps ---
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="jobs")
+    # No index of its own: job_agent_latest (agent, -created_at) serves every look-up by agent,
+    # and each index is one more write per enqueue.
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="jobs", db_index=False)
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="provisioning_jobs"
     )
-    # One job per Stripe event; null for jobs an operator or the customer asked for.
-    stripe_event_id = models.CharField(max_length=255, unique=True, null=True, blank=True)
+    # One job per Stripe event (constraint job_stripe_event_once); null for jobs an operator or
+    # the customer asked for. A constraint, not unique=True, which would add a second index for
+    # LIKE searches that nothing makes (look-ups are exact).
+    stripe_event_id = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001 ('' would collide)
     status = models.CharField(max_length=16, choices=JobStatus, default=JobStatus.QUEUED)
     region = models.CharField(max_length=32, choices=Region, default=Region.US_EAST)
     # Text: GitHub run ids exceed 32 bits. Reset at every dispatch (the new run's id).
@@ -248,6 +252,7 @@ class ProvisioningJob(models.Model):
                 condition=Q(status=JobStatus.PROVISIONING),
                 name="one_provisioning_job_per_user",
             ),
+            models.UniqueConstraint(fields=["stripe_event_id"], name="job_stripe_event_once"),
             # An agent is never built twice at once (double-clicked re-provision, operator + customer).
             models.UniqueConstraint(
                 fields=["agent"],
@@ -402,7 +407,10 @@ class JobEvent(models.Model):
     Action = EventAction
 
     id = models.BigAutoField(primary_key=True)
-    job = models.ForeignKey(ProvisioningJob, on_delete=models.CASCADE, related_name="events")
+    # No index of its own: jobevent_job_time (job, created_at) serves every look-up by job.
+    job = models.ForeignKey(
+        ProvisioningJob, on_delete=models.CASCADE, related_name="events", db_index=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     actor = models.CharField(max_length=150)
     action = models.CharField(max_length=24, choices=Action)
