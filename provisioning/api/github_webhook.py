@@ -3,7 +3,10 @@
 What the service needs from them: the moment a run of our workflow has ended, because only then
 is its runner free (services/finishing.py). GitHub sends `workflow_run` with action `completed`
 when a run ends, and `workflow_job` with action `completed` when its job does (a job skipped
-without a runner excepted); either frees the slot the run kept after reporting. Every other
+without a runner excepted); either frees the slot the run kept after reporting. A run that ended
+while its job was still provisioning (a killed runner: no `fail` call) fails that job at once
+through the fail path (services.job_fail_if_run_ended: retry or fail), instead of at the next
+reconcile round; only `workflow_run` says the whole run, that very attempt, is over. Every other
 event (and `ping`) is answered 200 and ignored: a non-2xx answer would count as a failed delivery
 on the App's page.
 
@@ -81,12 +84,14 @@ class GitHubWebhookView(View):
             )
         holder, key = RUN_ID_FIELD[event]
         described = payload.get(holder)
-        skipped = isinstance(described, dict) and described.get("conclusion") == "skipped"
+        if not isinstance(described, dict):
+            described = {}
+        skipped = described.get("conclusion") == "skipped"
         if event == "workflow_job" and skipped:
             # Our workflow's other job (the scheduled reaper's) is skipped in every dispatched
             # run: it never had a runner, and the run goes on.
             return _answer(200, "Ignored: a skipped job ran on no runner.", "ignored")
-        run_id = described.get(key) if isinstance(described, dict) else None
+        run_id = described.get(key)
         if (
             isinstance(run_id, bool)
             or not isinstance(run_id, int | str)
@@ -101,6 +106,25 @@ class GitHubWebhookView(View):
         released = services.run_finished_release(
             run_id=str(run_id), source=f"GitHub's {event} webhook"
         )
+        failed = event == "workflow_run" and services.job_fail_if_run_ended(
+            run_id=str(run_id),
+            run_attempt=_attempt(described.get("run_attempt")),
+            conclusion=_text(described.get("conclusion")),
+            seen_by="GitHub's workflow_run webhook",
+        )
+        if failed:
+            return _answer(
+                200, f"Run {run_id} ended without its report: its job took the fail path.", "failed"
+            )
         if released:
             return _answer(200, f"Run {run_id} has ended: its runner slot is free.", "released")
         return _answer(200, f"Run {run_id} held no slot here.", "nothing_held")
+
+
+def _attempt(value: object) -> int | None:
+    """The payload's run_attempt, if it is one (a positive integer)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _text(value: object) -> str | None:
+    return value[:40] if isinstance(value, str) else None

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from provisioning import backends, selectors
 from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend, RunStatus
-from provisioning.models import Actor, ProvisioningJob, Step
+from provisioning.models import Actor, JobStatus, ProvisioningJob, Step
 from provisioning.services.budget import api_budget_wait
 from provisioning.services.common import fail_locked
 from provisioning.state import FAIL
@@ -172,6 +172,35 @@ def _release(job_id: UUID | str, *, now: datetime, previous_check: datetime | No
     """Give the lease back: the job counts as not reconciled."""
     ProvisioningJob.objects.filter(pk=job_id, reconciled_at=now).update(
         reconciled_at=previous_check
+    )
+
+
+def job_fail_if_run_ended(
+    *, run_id: str, run_attempt: int | None, conclusion: str | None, seen_by: str
+) -> bool:
+    """GitHub says run `run_id` (attempt `run_attempt`) has ended (its `workflow_run` webhook): a
+    job still provisioning on that very run will never hear from it again, so it takes the fail
+    path now (retry or fail) instead of at the next reconcile round or heartbeat timeout. The
+    usual case changes nothing: the run reported before it ended. Fenced as reconcile is: the
+    row is re-read under its lock, and a run attempt that is not the job's changes nothing.
+    True if a job was failed."""
+    if run_attempt is None:
+        return False  # which attempt ended is unknown: reconcile asks GitHub itself
+    found = (
+        ProvisioningJob.objects.filter(workflow_run_id=run_id, status=JobStatus.PROVISIONING)
+        .values_list("pk", "attempt")
+        .first()
+    )
+    if found is None:
+        return False
+    status = RunStatus(run_id=run_id, status="completed", conclusion=conclusion)
+    return _fail_finished_run(
+        job_id=found[0],
+        run_id=run_id,
+        run_attempt=run_attempt,
+        attempt=found[1],
+        status=status,
+        seen_by=seen_by,
     )
 
 

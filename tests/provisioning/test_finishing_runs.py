@@ -37,14 +37,21 @@ def one_slot(settings):
     settings.PROVISIONING_MAX_IN_FLIGHT = 1
 
 
-def built(fake_github, *, outcome: str = "complete") -> tuple[ProvisioningJob, Run]:
-    """A job dispatched to the fake GitHub, claimed, and reported by its run (`outcome`)."""
+def claimed(fake_github) -> tuple[ProvisioningJob, Run]:
+    """A job dispatched to the fake GitHub, claimed by its run, which is at `configure`."""
     job = enqueue(AgentFactory())
     assert services.job_dispatch_next() is not None
     job.refresh_from_db()
     run = Run(run_id=job.workflow_run_id)
     services.job_claim(job_id=job.pk, attempt=job.attempt, run=run)
     services.job_heartbeat(job_id=job.pk, run=run, step=Step.CONFIGURE, progress=60)
+    job.refresh_from_db()
+    return job, run
+
+
+def built(fake_github, *, outcome: str = "complete") -> tuple[ProvisioningJob, Run]:
+    """A job dispatched to the fake GitHub, claimed, and reported by its run (`outcome`)."""
+    job, run = claimed(fake_github)
     if outcome == "complete":
         services.job_complete(job_id=job.pk, run=run, server_id="42", ipv4="192.0.2.10")
     else:
@@ -64,12 +71,18 @@ def deliver(client, payload: dict, *, event: str = "workflow_run", secret: str |
     )
 
 
-def run_completed(run_id: str, repository: str, *, action: str = "completed") -> dict:
-    return {
-        "action": action,
-        "workflow_run": {"id": int(run_id), "status": "completed", "conclusion": "success"},
-        "repository": {"full_name": repository},
-    }
+def run_completed(
+    run_id: str,
+    repository: str,
+    *,
+    action: str = "completed",
+    conclusion: str = "success",
+    run_attempt: object = 1,
+) -> dict:
+    run = {"id": int(run_id), "status": "completed", "conclusion": conclusion}
+    if run_attempt is not None:
+        run["run_attempt"] = run_attempt
+    return {"action": action, "workflow_run": run, "repository": {"full_name": repository}}
 
 
 def list_calls(fake_github) -> int:
@@ -141,6 +154,81 @@ def test_a_backend_whose_runs_end_with_their_report_frees_the_slot_at_once(setti
     assert not FinishingRun.objects.exists()
     nxt = enqueue(AgentFactory())
     assert services.job_dispatch_next(backend=backend) == nxt
+
+
+# --- a run that ended without its report: its job takes the fail path at once ----------------
+
+
+def test_a_run_that_ended_without_reporting_fails_its_job_at_once(
+    fake_github, client, webhook_secret
+):
+    job, run = claimed(fake_github)  # then the runner is killed: no fail call ever comes
+    before = job.events.count()
+
+    answer = deliver(
+        client, run_completed(run.run_id, fake_github.repository, conclusion="failure")
+    )
+
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["code"] == "failed"
+    job.refresh_from_db()
+    assert (job.status, job.retry_count, job.attempt) == (JobStatus.QUEUED, 1, 2)
+    assert job.failed_step == Step.CONFIGURE
+    assert f"run {run.run_id} completed (failure) while the job was still provisioning" in job.error
+    event = job.events.order_by("-id").first()
+    assert job.events.count() == before + 1
+    assert (event.actor, event.from_status, event.to_status) == (
+        "system",
+        JobStatus.PROVISIONING,
+        JobStatus.QUEUED,
+    )
+    assert event.workflow_run_id == run.run_id
+    assert "GitHub's workflow_run webhook" in event.reason
+    assert not FinishingRun.objects.exists()  # GitHub said it ended: nothing to wait for
+
+    again = deliver(client, run_completed(run.run_id, fake_github.repository, conclusion="failure"))
+    assert again.json()["code"] == "nothing_held"  # a redelivery: the job moved on already
+    job.refresh_from_db()
+    assert (job.status, job.attempt, job.events.count()) == (JobStatus.QUEUED, 2, before + 1)
+
+
+@pytest.mark.parametrize("run_attempt", [2, None, "1", True, 0])
+def test_another_or_an_unknown_attempt_of_the_run_changes_nothing(
+    fake_github, client, webhook_secret, run_attempt
+):
+    job, run = claimed(fake_github)
+    payload = run_completed(run.run_id, fake_github.repository, run_attempt=run_attempt)
+    answer = deliver(client, payload)
+    assert answer.status_code == 200
+    assert answer.json()["code"] == "nothing_held"
+    job.refresh_from_db()
+    assert (job.status, job.attempt, job.workflow_run_id) == (
+        JobStatus.PROVISIONING,
+        1,
+        run.run_id,
+    )
+
+
+def test_a_workflow_job_completed_alone_does_not_fail_the_job(fake_github, client, webhook_secret):
+    job, run = claimed(fake_github)
+    payload = {
+        "action": "completed",
+        "workflow_job": {"id": 7, "run_id": int(run.run_id), "conclusion": "failure"},
+        "repository": {"full_name": fake_github.repository},
+    }
+    assert deliver(client, payload, event="workflow_job").json()["code"] == "nothing_held"
+    job.refresh_from_db()
+    assert job.status == JobStatus.PROVISIONING
+
+
+def test_a_run_that_reported_is_not_failed_by_its_end(fake_github, client, webhook_secret):
+    job, run = built(fake_github)
+    answer = deliver(
+        client, run_completed(run.run_id, fake_github.repository, conclusion="success")
+    )
+    assert answer.json()["code"] == "released"
+    job.refresh_from_db()
+    assert job.status == JobStatus.RUNNING
 
 
 # --- deliveries that change nothing -------------------------------------------------------------
