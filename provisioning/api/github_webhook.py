@@ -3,10 +3,11 @@
 What the service needs from them: the moment a run of our workflow has ended, because only then
 is its runner free (services/finishing.py). GitHub sends `workflow_run` with action `completed`
 when a run ends, and `workflow_job` with action `completed` when its job does (a job skipped
-without a runner excepted); either frees the slot the run kept after reporting. A run that ended
-while its job was still provisioning (a killed runner: no `fail` call) fails that job at once
-through the fail path (services.job_fail_if_run_ended: retry or fail), instead of at the next
-reconcile round; only `workflow_run` says the whole run, that very attempt, is over. Every other
+without a runner excepted); either frees the slot the run kept after reporting. Only
+`workflow_run` says the whole run is over, and it settles a job the run left behind
+(services.job_settle_ended_run): one still provisioning on that run attempt (a killed runner: no
+`fail` call) takes the fail path at once instead of at the next reconcile round, and one
+dispatched to it and never claimed is re-sent now instead of after the claim window. Every other
 event (and `ping`) is answered 200 and ignored: a non-2xx answer would count as a failed delivery
 on the App's page.
 
@@ -106,15 +107,19 @@ class GitHubWebhookView(View):
         released = services.run_finished_release(
             run_id=str(run_id), source=f"GitHub's {event} webhook"
         )
-        failed = event == "workflow_run" and services.job_fail_if_run_ended(
+        settled = event == "workflow_run" and services.job_settle_ended_run(
             run_id=str(run_id),
             run_attempt=_attempt(described.get("run_attempt")),
             conclusion=_text(described.get("conclusion")),
             seen_by="GitHub's workflow_run webhook",
         )
-        if failed:
+        if settled == "failed":
             return _answer(
                 200, f"Run {run_id} ended without its report: its job took the fail path.", "failed"
+            )
+        if settled == "resend":
+            return _answer(
+                200, f"Run {run_id} ended before its claim: its job is re-sent now.", "resend"
             )
         if released:
             return _answer(200, f"Run {run_id} has ended: its runner slot is free.", "released")

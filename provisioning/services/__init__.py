@@ -8,8 +8,8 @@ why.
   timeouts    job_timeout_if_stale, job_timeout_stale
   operator    job_cancel, job_retry, job_redispatch, job_force_timeout
   lifecycle   agent_end
-  reconcile   job_reconcile_runs, job_fail_if_run_ended (GitHub's webhook: a run ended
-              while its job was still provisioning)
+  reconcile   job_reconcile_runs, job_settle_ended_run (GitHub's webhook: a run ended
+              before its report or its claim)
   finishing   run_finished_release, runs_finished_poll (a reported run's
               runner slot stays taken until GitHub says the run ended)
   alerts      operator_alerts_send (a job failed for good: email, optional webhook)
@@ -52,8 +52,8 @@ from provisioning.services.lifecycle import agent_end
 from provisioning.services.operator import job_cancel, job_force_timeout, job_redispatch, job_retry
 from provisioning.services.reconcile import (
     RECONCILE_MAX_CONSECUTIVE_ERRORS,
-    job_fail_if_run_ended,
     job_reconcile_runs,
+    job_settle_ended_run,
 )
 from provisioning.services.timeouts import job_timeout_if_stale, job_timeout_stale
 
@@ -84,6 +84,7 @@ __all__ = [
     "job_reprovision",
     "job_retry",
     "job_send_cleanup",
+    "job_settle_ended_run",
     "job_timeout_if_stale",
     "job_timeout_stale",
     "operator_alerts_send",

@@ -12,17 +12,19 @@ jobs stay due for the next one. A backend that cannot list (the local one) is as
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from provisioning import backends, selectors
 from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend, RunStatus
-from provisioning.models import Actor, JobStatus, ProvisioningJob, Step
+from provisioning.models import Actor, JobEvent, JobStatus, ProvisioningJob, Step
 from provisioning.services.budget import api_budget_wait
 from provisioning.services.common import fail_locked
+from provisioning.services.dispatch import dispatch_soon
 from provisioning.state import FAIL
 
 logger = logging.getLogger(__name__)
@@ -175,33 +177,73 @@ def _release(job_id: UUID | str, *, now: datetime, previous_check: datetime | No
     )
 
 
-def job_fail_if_run_ended(
+def job_settle_ended_run(
     *, run_id: str, run_attempt: int | None, conclusion: str | None, seen_by: str
-) -> bool:
-    """GitHub says run `run_id` (attempt `run_attempt`) has ended (its `workflow_run` webhook): a
-    job still provisioning on that very run will never hear from it again, so it takes the fail
-    path now (retry or fail) instead of at the next reconcile round or heartbeat timeout. The
-    usual case changes nothing: the run reported before it ended. Fenced as reconcile is: the
-    row is re-read under its lock, and a run attempt that is not the job's changes nothing.
-    True if a job was failed."""
-    if run_attempt is None:
-        return False  # which attempt ended is unknown: reconcile asks GitHub itself
-    found = (
-        ProvisioningJob.objects.filter(workflow_run_id=run_id, status=JobStatus.PROVISIONING)
-        .values_list("pk", "attempt")
-        .first()
-    )
-    if found is None:
-        return False
-    status = RunStatus(run_id=run_id, status="completed", conclusion=conclusion)
-    return _fail_finished_run(
-        job_id=found[0],
-        run_id=run_id,
-        run_attempt=run_attempt,
-        attempt=found[1],
-        status=status,
-        seen_by=seen_by,
-    )
+) -> str | None:
+    """GitHub says run `run_id` (attempt `run_attempt`) has ended (its `workflow_run` webhook).
+    The usual case changes nothing: the run reported before it ended. Otherwise its job will
+    never hear from it again, and waits no longer than it must:
+
+    - still provisioning on that very run and run attempt (a killed runner: no `fail` call) →
+      the fenced fail path now (retry or fail), as reconcile would at its next round; "failed";
+    - dispatched to it and never claimed (the run died before its claim step) → its re-send is
+      due now instead of after DISPATCH_CLAIM_TIMEOUT_SECONDS (a NOTE says why); the dispatcher
+      still asks GitHub for the run before it replaces it, as for any re-send; "resend".
+
+    A payload without a run attempt fails nothing (reconcile asks GitHub itself)."""
+    if run_attempt is not None:
+        found = (
+            ProvisioningJob.objects.filter(workflow_run_id=run_id, status=JobStatus.PROVISIONING)
+            .values_list("pk", "attempt")
+            .first()
+        )
+        if found is not None and _fail_finished_run(
+            job_id=found[0],
+            run_id=run_id,
+            run_attempt=run_attempt,
+            attempt=found[1],
+            status=RunStatus(run_id=run_id, status="completed", conclusion=conclusion),
+            seen_by=seen_by,
+        ):
+            return "failed"
+    return "resend" if _resend_now(run_id=run_id, conclusion=conclusion, seen_by=seen_by) else None
+
+
+def _resend_now(*, run_id: str, conclusion: str | None, seen_by: str) -> bool:
+    """Make the unclaimed dispatch to `run_id` due for its re-send now (dispatched_at moved back
+    by the claim window), with a NOTE; the next dispatch (asked for after commit) re-sends it."""
+    now = timezone.now()
+    window = timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
+    with transaction.atomic():
+        job = (
+            ProvisioningJob.objects.select_for_update()
+            .filter(
+                workflow_run_id=run_id,
+                status=JobStatus.QUEUED,
+                dispatched_at__gt=now - window,
+            )
+            .first()
+        )
+        if job is None:
+            return False
+        job.dispatched_at = now - window
+        job.updated_at = now
+        job.save(update_fields=["dispatched_at", "updated_at"])
+        JobEvent.objects.create(
+            job=job,
+            actor=Actor.SYSTEM,
+            action=JobEvent.Action.NOTE,
+            attempt=job.attempt,
+            workflow_run_id=run_id,
+            step=Step.DISPATCH,
+            reason=(
+                f"{seen_by} reports run {run_id} completed ({conclusion or 'no conclusion'}) "
+                "before it claimed the job: re-sent now, not after the claim window"
+            ),
+        )
+    logger.info("job %s: run %s ended unclaimed; re-sending now", job.pk, run_id)
+    dispatch_soon(limit=1)
+    return True
 
 
 def _fail_finished_run(

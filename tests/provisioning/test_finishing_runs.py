@@ -15,7 +15,14 @@ from django.utils import timezone
 
 from provisioning import selectors, services
 from provisioning.backends.base import UNFINISHED_RUN_STATUSES
-from provisioning.models import ApiBudget, FinishingRun, JobStatus, ProvisioningJob, Step
+from provisioning.models import (
+    ApiBudget,
+    FinishingRun,
+    JobEvent,
+    JobStatus,
+    ProvisioningJob,
+    Step,
+)
 from provisioning.services import Run
 from tests.factories import AgentFactory
 from tests.fakes.runner_backend import RecordingBackend
@@ -185,6 +192,7 @@ def test_a_run_that_ended_without_reporting_fails_its_job_at_once(
     assert event.workflow_run_id == run.run_id
     assert "GitHub's workflow_run webhook" in event.reason
     assert not FinishingRun.objects.exists()  # GitHub said it ended: nothing to wait for
+    assert not job.events.filter(action=JobEvent.Action.NOTE).exists()  # not also a re-send
 
     again = deliver(client, run_completed(run.run_id, fake_github.repository, conclusion="failure"))
     assert again.json()["code"] == "nothing_held"  # a redelivery: the job moved on already
@@ -207,6 +215,55 @@ def test_another_or_an_unknown_attempt_of_the_run_changes_nothing(
         1,
         run.run_id,
     )
+
+
+def test_a_run_that_ended_before_its_claim_is_re_sent_at_once(
+    fake_github, client, webhook_secret, settings
+):
+    job = enqueue(AgentFactory())
+    assert services.job_dispatch_next() == job
+    job.refresh_from_db()
+    first_run, dispatched_at = job.workflow_run_id, job.dispatched_at
+    assert services.job_dispatch_next() is None  # inside the claim window: not re-sent
+    fake_github.set_run(first_run, status="completed", conclusion="failure")  # died at checkout
+
+    answer = deliver(client, run_completed(first_run, fake_github.repository, conclusion="failure"))
+
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["code"] == "resend"
+    job.refresh_from_db()
+    assert job.status == JobStatus.QUEUED and job.workflow_run_id == first_run
+    window = timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS)
+    assert job.dispatched_at <= timezone.now() - window < dispatched_at
+    note = job.events.get(action=JobEvent.Action.NOTE)
+    assert note.actor == "system" and note.workflow_run_id == first_run
+    assert f"run {first_run} completed (failure) before it claimed the job" in note.reason
+
+    assert services.job_dispatch_next() == job  # the re-send, as after the window
+    job.refresh_from_db()
+    assert job.workflow_run_id not in (None, first_run)
+    assert job.attempt == 1 and job.retry_count == 0  # no retry spent: it never started
+    assert f"replaces unclaimed run {first_run}" in job.events.order_by("-id").first().reason
+
+    again = deliver(client, run_completed(first_run, fake_github.repository, conclusion="failure"))
+    assert again.json()["code"] == "nothing_held"  # the job runs on another run now
+
+
+def test_a_run_still_held_by_github_is_not_re_sent_even_if_a_webhook_says_it_ended(
+    fake_github, client, webhook_secret
+):
+    """The webhook only makes the re-send due; the dispatcher asks GitHub first, as always."""
+    job = enqueue(AgentFactory())
+    assert services.job_dispatch_next() == job
+    job.refresh_from_db()
+    run_id = job.workflow_run_id
+    assert deliver(client, run_completed(run_id, fake_github.repository)).json()["code"] == "resend"
+    fake_github.set_run(run_id, status="queued", conclusion=None)  # a re-run GitHub started
+
+    assert services.job_dispatch_next() == job
+    job.refresh_from_db()
+    assert job.workflow_run_id == run_id  # kept waiting for it
+    assert "Waiting for a build machine" in job.events.order_by("-id").first().reason
 
 
 def test_a_workflow_job_completed_alone_does_not_fail_the_job(fake_github, client, webhook_secret):
