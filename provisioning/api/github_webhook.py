@@ -107,11 +107,16 @@ class GitHubWebhookView(View):
         released = services.run_finished_release(
             run_id=str(run_id), source=f"GitHub's {event} webhook"
         )
-        settled = event == "workflow_run" and services.job_settle_ended_run(
-            run_id=str(run_id),
-            run_attempt=_attempt(described.get("run_attempt")),
-            conclusion=_text(described.get("conclusion")),
-            seen_by="GitHub's workflow_run webhook",
+        # A run that held a slot had reported (or was cancelled by us): its job moved on already.
+        settled = (
+            event == "workflow_run"
+            and not released
+            and services.job_settle_ended_run(
+                run_id=str(run_id),
+                run_attempt=_attempt(described.get("run_attempt")),
+                conclusion=_text(described.get("conclusion")),
+                seen_by="GitHub's workflow_run webhook",
+            )
         )
         if settled == "failed":
             return _answer(
