@@ -184,9 +184,21 @@ def wait_gone(pids: set[int], ports: list[int]) -> None:
         if not any(alive(pid) for pid in pids) and not any(port_taken(p) for p in ports):
             return
         time.sleep(0.2)
-    left = [pid for pid in pids if alive(pid)]
+    left = [describe(pid) for pid in pids if alive(pid)]
     taken = [port for port in ports if port_taken(port)]
     pytest.fail(f"still alive: {left}; ports still taken: {taken}")
+
+
+def describe(pid: int) -> str:
+    """A live process for a failure message: pid, state, what it waits in, its command."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        wchan = (proc / "wchan").read_text().strip() if (proc / "wchan").exists() else "?"
+        command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone while described)"
+    return f"{pid} state {state} in {wchan or '-'}: {command.strip()[:200]}"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM])
