@@ -226,6 +226,10 @@ class ProvisioningJob(models.Model):
     # only run the service lets delete this job's VMs.
     cleanup_dispatched_at = models.DateTimeField(null=True, blank=True)
     cleanup_run_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 (null: none sent)
+    # When GitHub said that cleanup run ended (its webhook, else a list call): its runner slot is
+    # free from then on. Null while it runs, and for backends that never say (the cleanup window
+    # bounds those).
+    cleanup_finished_at = models.DateTimeField(null=True, blank=True)
     # When the worker last asked the runner backend about this job's run (reconciliation).
     reconciled_at = models.DateTimeField(null=True, blank=True)
     # Hetzner API calls the run reported making (complete/fail body): what limits.py bounds the
@@ -298,11 +302,21 @@ class ProvisioningJob(models.Model):
             # Admin: newest first, filtered by status.
             models.Index(fields=["status", "-created_at"], name="job_status_newest"),
             models.Index(fields=["-created_at"], name="job_newest"),
-            # Cleanup runs sent recently (they count as in flight for a while).
+            # Cleanup runs sent recently and not known to have ended (they count as in flight).
             models.Index(
                 fields=["cleanup_dispatched_at"],
-                condition=Q(status=JobStatus.FAILED, cleanup_dispatched_at__isnull=False),
-                name="job_cleanup_sent",
+                condition=Q(
+                    status=JobStatus.FAILED,
+                    cleanup_dispatched_at__isnull=False,
+                    cleanup_finished_at__isnull=True,
+                ),
+                name="job_cleanup_running",
+            ),
+            # GitHub's word that a cleanup run ended finds its job by run id.
+            models.Index(
+                fields=["cleanup_run_id"],
+                condition=Q(cleanup_run_id__isnull=False, cleanup_finished_at__isnull=True),
+                name="job_cleanup_run",
             ),
             # Failed provisions still owing their cleanup run.
             models.Index(

@@ -166,9 +166,11 @@ def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
     - dispatched, not claimed yet (queued with `dispatched_at`): the run is starting or waits in
       GitHub's queue for a runner (a run GitHub still holds is never re-sent, so it stays here);
     - provisioning: claimed, its run is building (or deleting, for a deprovision);
-    - a cleanup run (failed provision, `mode: cleanup`): for DISPATCH_CLAIM_TIMEOUT_SECONDS after
-      it was sent (nothing reports a cleanup run's end; the time any run is given to start is
-      ample for one that then only deletes VMs).
+    - a cleanup run (failed provision, `mode: cleanup`): until GitHub says it ended
+      (`cleanup_finished_at`, services/finishing.py), and no longer than
+      DISPATCH_CLAIM_TIMEOUT_SECONDS after it was sent (the bound for backends that never say,
+      and for GitHub unheard: the time any run is given to start is ample for one that then only
+      deletes VMs).
     """
     cleanup_window = _cleanup_window(now)
     return ProvisioningJob.objects.filter(
@@ -177,23 +179,30 @@ def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
         | Q(
             status=JobStatus.FAILED,
             cleanup_dispatched_at__isnull=False,
+            cleanup_finished_at__isnull=True,
             cleanup_dispatched_at__gt=cleanup_window,
         )
+    )
+
+
+def job_list_cleanup_running(*, now: datetime) -> QuerySet[ProvisioningJob]:
+    """Failed provisions whose cleanup run counts as in flight: sent within the cleanup window and
+    not known to have ended (index job_cleanup_running)."""
+    return ProvisioningJob.objects.filter(
+        status=JobStatus.FAILED,
+        cleanup_dispatched_at__isnull=False,
+        cleanup_finished_at__isnull=True,
+        cleanup_dispatched_at__gt=_cleanup_window(now),
     )
 
 
 def job_count_in_flight(*, now: datetime) -> int:
     """How many runs are in flight: job_list_in_flight's three index-served counts, plus the runs
     that have reported and are still finishing at GitHub (run_count_finishing), in one query."""
-    cleanup_window = _cleanup_window(now)
     parts: list[QuerySet[Any]] = [
         ProvisioningJob.objects.filter(status=JobStatus.QUEUED, dispatched_at__isnull=False),
         ProvisioningJob.objects.filter(status=JobStatus.PROVISIONING),
-        ProvisioningJob.objects.filter(
-            status=JobStatus.FAILED,
-            cleanup_dispatched_at__isnull=False,
-            cleanup_dispatched_at__gt=cleanup_window,
-        ),
+        job_list_cleanup_running(now=now),
         _finishing(now),
     ]
     # One round trip (each count keeps its own partial index): the dispatcher asks this twice

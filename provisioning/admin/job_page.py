@@ -232,6 +232,7 @@ def job_now(job: ProvisioningJob, *, now: datetime) -> JobNow:
             ("next attempt", local_time(job.next_attempt_at)),
             ("completed", local_time(job.completed_at)),
             ("cleanup run sent", local_time(job.cleanup_dispatched_at)),
+            ("cleanup run ended", local_time(job.cleanup_finished_at)),
         ],
     )
 

@@ -18,6 +18,10 @@ and the slot is handed on only when GitHub says the run completed:
 - neither heard (the API budget spent, GitHub down): RUN_FINISH_GRACE_SECONDS after the report
   the row stops counting, and the duty deletes it. Capacity is never lost for good.
 
+A cleanup run (`mode: cleanup`, for a failed provision) never reports: it counts as in flight from
+its dispatch until the same webhook or list call says it ended (`cleanup_finished_at`, a NOTE on
+the job), and no longer than DISPATCH_CLAIM_TIMEOUT_SECONDS after it was sent.
+
 Backends whose runs end with their report (local processes, test fakes) record nothing: their
 slot is free at the report, as before.
 """
@@ -28,11 +32,12 @@ import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from provisioning import backends, selectors
 from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend
-from provisioning.models import FinishingRun
+from provisioning.models import Actor, FinishingRun, JobEvent, ProvisioningJob
 from provisioning.services.budget import api_budget_wait
 from provisioning.services.dispatch import dispatch_soon
 
@@ -40,13 +45,47 @@ logger = logging.getLogger(__name__)
 
 
 def run_finished_release(*, run_id: str, source: str) -> bool:
-    """GitHub says run `run_id` has ended: free its slot and hand it to the next job (after
-    commit). False if the run held no slot (not ours, released already, or never recorded)."""
+    """GitHub says run `run_id` has ended: free its slot (a reported run's, or a cleanup run's)
+    and hand it to the next job (after commit). False if the run held no slot (not ours,
+    released already, or never recorded)."""
     deleted, _ = FinishingRun.objects.filter(run_id=run_id).delete()
+    if not deleted:
+        deleted = _cleanup_runs_ended([run_id], source=source)
     if deleted:
         logger.info("run %s has finished (%s): its runner slot is free", run_id, source)
         dispatch_soon(limit=1)
     return bool(deleted)
+
+
+def _cleanup_runs_ended(run_ids: list[str], *, source: str) -> int:
+    """The cleanup runs among `run_ids` have ended: their jobs stop counting them in flight
+    (`cleanup_finished_at`), each with a NOTE. Returns how many."""
+    if not run_ids:
+        return 0
+    now = timezone.now()
+    with transaction.atomic():
+        jobs = list(
+            ProvisioningJob.objects.select_for_update()
+            .filter(cleanup_run_id__in=run_ids, cleanup_finished_at__isnull=True)
+            .only("pk", "attempt", "cleanup_run_id")
+        )
+        if not jobs:
+            return 0
+        ProvisioningJob.objects.filter(pk__in=[job.pk for job in jobs]).update(
+            cleanup_finished_at=now
+        )
+        JobEvent.objects.bulk_create(
+            JobEvent(
+                job=job,
+                actor=Actor.SYSTEM,
+                action=JobEvent.Action.NOTE,
+                attempt=job.attempt,
+                workflow_run_id=job.cleanup_run_id,
+                reason=f"Cleanup run {job.cleanup_run_id} has ended ({source}): its slot is free",
+            )
+            for job in jobs
+        )
+    return len(jobs)
 
 
 def runs_finished_poll(*, backend: RunnerBackend | None = None, now: datetime | None = None) -> int:
@@ -68,6 +107,12 @@ def runs_finished_poll(*, backend: RunnerBackend | None = None, now: datetime | 
         .order_by("reported_at")
         .values_list("run_id", flat=True)
     )
+    cleanups = list(
+        selectors.job_list_cleanup_running(now=now)
+        .filter(cleanup_dispatched_at__lte=poll_before)
+        .values_list("cleanup_run_id", flat=True)
+    )
+    overdue += [run_id for run_id in cleanups if run_id]
     freed = 0
     # Rows exist only for backends whose runs outlive their report (GitHub), which can list its
     # runs; a backend that cannot is left to the grace bound.
@@ -83,5 +128,6 @@ def runs_finished_poll(*, backend: RunnerBackend | None = None, now: datetime | 
         gone = [run_id for run_id in overdue if run_id not in unfinished]
         if gone:
             freed, _ = FinishingRun.objects.filter(run_id__in=gone).delete()
+            freed += _cleanup_runs_ended(gone, source="not among GitHub's unfinished runs")
             logger.info("%d finished run(s) found by listing (their webhook was missed)", freed)
     return freed + expired  # the worker's dispatch duty, next in the same tick, uses them

@@ -19,12 +19,13 @@ from provisioning.models import (
     ApiBudget,
     FinishingRun,
     JobEvent,
+    JobKind,
     JobStatus,
     ProvisioningJob,
     Step,
 )
 from provisioning.services import Run
-from tests.factories import AgentFactory
+from tests.factories import AgentFactory, JobFactory
 from tests.fakes.runner_backend import RecordingBackend
 from tests.provisioning.helpers import enqueue
 
@@ -413,6 +414,74 @@ def test_a_missed_webhook_is_made_up_for_by_listing_githubs_unfinished_runs(fake
     left = set(FinishingRun.objects.values_list("run_id", flat=True))
     # the recent one is left to its webhook: not asked about yet
     assert left == {still_going.run_id, just_reported.run_id}
+
+
+# --- cleanup runs: in flight until GitHub says they ended, the cleanup window at most -----------
+
+
+def cleanup_sent(fake_github) -> ProvisioningJob:
+    """A provision failed for good whose cleanup run has been sent to the fake GitHub."""
+    job = JobFactory(
+        status=JobStatus.FAILED,
+        kind=JobKind.PROVISION,
+        claimed_at=timezone.now(),
+        completed_at=timezone.now(),
+    )
+    assert services.job_send_cleanup() == 1
+    job.refresh_from_db()
+    assert job.cleanup_run_id and job.cleanup_finished_at is None
+    return job
+
+
+def test_a_cleanup_run_keeps_its_slot_until_githubs_webhook_says_it_ended(
+    fake_github, client, webhook_secret, one_slot
+):
+    failed = cleanup_sent(fake_github)
+    waiting = enqueue(AgentFactory())
+    assert selectors.job_count_in_flight(now=timezone.now()) == 1
+    assert services.job_dispatch_next() is None  # the cleanup run holds the only slot
+
+    answer = deliver(client, run_completed(failed.cleanup_run_id, fake_github.repository))
+
+    assert answer.json()["code"] == "released"
+    failed.refresh_from_db()
+    assert failed.cleanup_finished_at is not None and failed.status == JobStatus.FAILED
+    note = failed.events.get(action=JobEvent.Action.NOTE)
+    assert note.workflow_run_id == failed.cleanup_run_id and "has ended" in note.reason
+    assert selectors.job_count_in_flight(now=timezone.now()) == 0
+    assert services.job_dispatch_next() == waiting
+
+    again = deliver(client, run_completed(failed.cleanup_run_id, fake_github.repository))
+    assert again.json()["code"] == "nothing_held"
+    assert failed.events.filter(action=JobEvent.Action.NOTE).count() == 1
+
+
+def test_a_cleanup_run_whose_webhook_was_missed_is_found_by_listing(fake_github, settings):
+    ended, still_going, recent = (cleanup_sent(fake_github) for _ in range(3))
+    past_poll = timezone.now() - timedelta(seconds=settings.RUN_FINISH_POLL_SECONDS + 1)
+    ProvisioningJob.objects.filter(pk__in=[ended.pk, still_going.pk]).update(
+        cleanup_dispatched_at=past_poll
+    )
+    fake_github.set_run(ended.cleanup_run_id, status="completed", conclusion="success")
+    fake_github.set_run(still_going.cleanup_run_id, status="queued")  # waits for a runner
+    fake_github.set_run(recent.cleanup_run_id, status="completed", conclusion="success")
+
+    assert services.runs_finished_poll() == 1
+
+    finished = dict(ProvisioningJob.objects.values_list("pk", "cleanup_finished_at"))
+    assert finished[ended.pk] is not None
+    assert finished[still_going.pk] is None  # still holds its slot
+    assert finished[recent.pk] is None  # left to its webhook: not asked about yet
+    assert selectors.job_count_in_flight(now=timezone.now()) == 2
+
+
+def test_a_cleanup_run_stops_counting_after_the_window_whatever_github_says(fake_github, settings):
+    job = cleanup_sent(fake_github)
+    later = timezone.now() + timedelta(seconds=settings.DISPATCH_CLAIM_TIMEOUT_SECONDS + 1)
+    assert selectors.job_count_in_flight(now=timezone.now()) == 1
+    assert selectors.job_count_in_flight(now=later) == 0
+    job.refresh_from_db()
+    assert job.cleanup_finished_at is None  # nobody said it ended; it just stops counting
 
 
 def test_nothing_overdue_costs_no_call(fake_github):
