@@ -7,9 +7,9 @@ without a runner excepted); either frees the slot the run kept after reporting. 
 `workflow_run` says the whole run is over, and it settles a job the run left behind
 (services.job_settle_ended_run): one still provisioning on that run attempt (a killed runner: no
 `fail` call) takes the fail path at once instead of at the next reconcile round, and one
-dispatched to it and never claimed is re-sent now instead of after the claim window. Every other
-event (and `ping`) is answered 200 and ignored: a non-2xx answer would count as a failed delivery
-on the App's page.
+dispatched to it and never claimed is due for its re-send now, not after the claim window. Every
+other event (and `ping`) is answered 200 and ignored: a non-2xx answer would count as a failed
+delivery on the App's page.
 
 Deliveries are signed: `X-Hub-Signature-256: sha256=<HMAC-SHA256 of the raw body, keyed with the
 App's webhook secret>` (GITHUB_WEBHOOK_SECRET). Without the secret configured the endpoint does
@@ -124,7 +124,7 @@ class GitHubWebhookView(View):
             )
         if settled == "resend":
             return _answer(
-                200, f"Run {run_id} ended before its claim: its job is re-sent now.", "resend"
+                200, f"Run {run_id} ended before its claim: its job's re-send is due now.", "resend"
             )
         if released:
             return _answer(200, f"Run {run_id} has ended: its runner slot is free.", "released")

@@ -238,7 +238,7 @@ def _resend_now(*, run_id: str, conclusion: str | None, seen_by: str) -> bool:
             step=Step.DISPATCH,
             reason=(
                 f"{seen_by} reports run {run_id} completed ({conclusion or 'no conclusion'}) "
-                "before it claimed the job: re-sent now, not after the claim window"
+                "before it claimed the job: its re-send is due now, not after the claim window"
             ),
         )
     logger.info("job %s: run %s ended unclaimed; re-sending now", job.pk, run_id)
