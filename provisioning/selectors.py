@@ -172,23 +172,21 @@ def job_list_in_flight(*, now: datetime) -> QuerySet[ProvisioningJob]:
       and for GitHub unheard: the time any run is given to start is ample for one that then only
       deletes VMs).
     """
-    cleanup_window = _cleanup_window(now)
     return ProvisioningJob.objects.filter(
         Q(status=JobStatus.QUEUED, dispatched_at__isnull=False)
         | Q(status=JobStatus.PROVISIONING)
-        | Q(
-            status=JobStatus.FAILED,
-            cleanup_dispatched_at__isnull=False,
-            cleanup_finished_at__isnull=True,
-            cleanup_dispatched_at__gt=cleanup_window,
-        )
+        | _cleanup_running(now)
     )
 
 
 def job_list_cleanup_running(*, now: datetime) -> QuerySet[ProvisioningJob]:
     """Failed provisions whose cleanup run counts as in flight: sent within the cleanup window and
     not known to have ended (index job_cleanup_running)."""
-    return ProvisioningJob.objects.filter(
+    return ProvisioningJob.objects.filter(_cleanup_running(now))
+
+
+def _cleanup_running(now: datetime) -> Q:
+    return Q(
         status=JobStatus.FAILED,
         cleanup_dispatched_at__isnull=False,
         cleanup_finished_at__isnull=True,
