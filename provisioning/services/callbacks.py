@@ -37,6 +37,7 @@ from provisioning.services.common import (
     fenced_touch,
     finishing_runs_record,
     job_or_run_refusal,
+    note,
     record_move,
     spend_token,
 )
@@ -347,12 +348,10 @@ def job_authorize_cleanup(*, job_id: UUID | str, run: RunRef) -> ProvisioningJob
         raise WrongRun(job_id=job.pk, run_id=run.run_id)
     with transaction.atomic():
         spend_token(run, job_id=job.pk)
-        JobEvent.objects.create(
-            job=job,
+        note(
+            job,
             actor=Actor.workflow(run.run_id),
-            action=JobEvent.Action.NOTE,
-            attempt=job.attempt,
-            workflow_run_id=run.run_id,
+            run_id=run.run_id,
             reason="Cleanup run authorized to delete every VM labelled with this job",
         )
     return job

@@ -114,6 +114,32 @@ def record_move(
     return event
 
 
+def note(
+    job: ProvisioningJob,
+    *,
+    actor: str,
+    reason: str,
+    run_id: str | None = None,
+    step: str = "",
+    save: bool = True,
+) -> JobEvent:
+    """A NOTE event: something worth telling about a job that moves no state (waiting for a build
+    machine, a re-send made due, a cleanup run approved or ended). Saved unless `save` is False
+    (the caller inserts several at once)."""
+    event = JobEvent(
+        job=job,
+        actor=actor[:150],
+        action=JobEvent.Action.NOTE,
+        attempt=job.attempt,
+        workflow_run_id=run_id,
+        step=step,
+        reason=reason[:MAX_ERROR_CHARS],
+    )
+    if save:
+        event.save(force_insert=True)
+    return event
+
+
 def insert_new(*rows: models.Model) -> None:
     """INSERT new rows, in order, as one statement on PostgreSQL (data-modifying CTEs: a single
     round trip and, outside a transaction, its own atomic one); elsewhere one save each. Rows

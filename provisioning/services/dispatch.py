@@ -26,9 +26,9 @@ from django.utils import timezone
 
 from provisioning import backends, limits, selectors
 from provisioning.backends.base import BudgetSpent, DispatchError, DispatchResult, RunnerBackend
-from provisioning.models import Actor, JobEvent, ProvisioningJob, Step
+from provisioning.models import Actor, ProvisioningJob, Step
 from provisioning.services.budget import api_budget_wait
-from provisioning.services.common import after_commit, record_move
+from provisioning.services.common import after_commit, note, record_move
 from provisioning.state import CLEANUP, DISPATCH, DISPATCH_FAILED
 
 logger = logging.getLogger(__name__)
@@ -268,12 +268,10 @@ def _previous_run_or_wait(
         return run_id, False
     if run is None or not run.may_still_claim:
         return run_id, False
-    JobEvent.objects.create(
-        job=job,
+    note(
+        job,
         actor=Actor.SYSTEM,
-        action=JobEvent.Action.NOTE,
-        attempt=job.attempt,
-        workflow_run_id=run_id,
+        run_id=run_id,
         step=Step.DISPATCH,
         reason=(
             f"Waiting for a build machine: run {run_id} is {run.status} on {backend.name} "

@@ -39,6 +39,7 @@ from provisioning import backends, selectors
 from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend
 from provisioning.models import Actor, FinishingRun, JobEvent, ProvisioningJob
 from provisioning.services.budget import api_budget_wait
+from provisioning.services.common import note
 from provisioning.services.dispatch import dispatch_soon
 
 logger = logging.getLogger(__name__)
@@ -75,13 +76,12 @@ def _cleanup_runs_ended(run_ids: list[str], *, source: str) -> int:
             cleanup_finished_at=now
         )
         JobEvent.objects.bulk_create(
-            JobEvent(
-                job=job,
+            note(
+                job,
                 actor=Actor.SYSTEM,
-                action=JobEvent.Action.NOTE,
-                attempt=job.attempt,
-                workflow_run_id=job.cleanup_run_id,
+                run_id=job.cleanup_run_id,
                 reason=f"Cleanup run {job.cleanup_run_id} has ended ({source}): its slot is free",
+                save=False,
             )
             for job in jobs
         )

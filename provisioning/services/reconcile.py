@@ -21,9 +21,9 @@ from django.utils import timezone
 
 from provisioning import backends, selectors
 from provisioning.backends.base import BudgetSpent, RunLister, RunnerBackend, RunStatus
-from provisioning.models import Actor, JobEvent, JobStatus, ProvisioningJob, Step
+from provisioning.models import Actor, JobStatus, ProvisioningJob, Step
 from provisioning.services.budget import api_budget_wait
-from provisioning.services.common import fail_locked
+from provisioning.services.common import fail_locked, note
 from provisioning.services.dispatch import dispatch_soon
 from provisioning.state import FAIL
 
@@ -229,12 +229,10 @@ def _resend_now(*, run_id: str, conclusion: str | None, seen_by: str) -> bool:
         job.dispatched_at = now - window
         job.updated_at = now
         job.save(update_fields=["dispatched_at", "updated_at"])
-        JobEvent.objects.create(
-            job=job,
+        note(
+            job,
             actor=Actor.SYSTEM,
-            action=JobEvent.Action.NOTE,
-            attempt=job.attempt,
-            workflow_run_id=run_id,
+            run_id=run_id,
             step=Step.DISPATCH,
             reason=(
                 f"{seen_by} reports run {run_id} completed ({conclusion or 'no conclusion'}) "
