@@ -98,20 +98,18 @@ def record_move(
     if not (move.allows(was) or (move.creates and not was)):
         raise InvalidTransition(job_id=job.pk, current=was, wanted=move.target)
     from_status, to_status = move.event_statuses(was)
-    event = JobEvent(
-        job=job,
-        actor=actor[:150],
+    return _event(
+        job,
         action=move.action,
+        actor=actor,
         from_status=from_status,
         to_status=to_status,
-        attempt=attempt if attempt is not None else job.attempt,
-        workflow_run_id=run_id,
+        attempt=attempt,
+        run_id=run_id,
         step=step,
-        reason=reason[:MAX_ERROR_CHARS],
+        reason=reason,
+        save=save,
     )
-    if save:
-        event.save(force_insert=True)
-    return event
 
 
 def note(
@@ -126,11 +124,39 @@ def note(
     """A NOTE event: something worth telling about a job that moves no state (waiting for a build
     machine, a re-send made due, a cleanup run approved or ended). Saved unless `save` is False
     (the caller inserts several at once)."""
+    return _event(
+        job,
+        action=JobEvent.Action.NOTE,
+        actor=actor,
+        run_id=run_id,
+        step=step,
+        reason=reason,
+        save=save,
+    )
+
+
+def _event(
+    job: ProvisioningJob,
+    *,
+    action: str,
+    actor: str,
+    from_status: str = "",
+    to_status: str = "",
+    attempt: int | None = None,
+    run_id: str | None,
+    step: str,
+    reason: str,
+    save: bool,
+) -> JobEvent:
+    """A JobEvent row as every writer makes it: actor and reason cut to their columns, the job's
+    current attempt unless one is named; saved unless `save` is False."""
     event = JobEvent(
         job=job,
         actor=actor[:150],
-        action=JobEvent.Action.NOTE,
-        attempt=job.attempt,
+        action=action,
+        from_status=from_status,
+        to_status=to_status,
+        attempt=attempt if attempt is not None else job.attempt,
         workflow_run_id=run_id,
         step=step,
         reason=reason[:MAX_ERROR_CHARS],
